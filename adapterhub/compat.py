@@ -1,0 +1,124 @@
+"""Adapter × base model compatibility, decided from headers and fingerprints before anything loads."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+MAX_LISTED = 20
+_FROM_LAYERS = re.compile(r"(?:^|\.)(layers\.\d+\..+)$")
+
+
+@dataclass(frozen=True)
+class CompatReport:
+    """The verdict and every reason for it.
+
+    verdict is one of: exact (same base weights), structural (the adapter records no
+    base, shapes fit), quantized-variant, different-weights, incompatible.
+    """
+
+    compatible: bool
+    verdict: str
+    adapter: str
+    base: str
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    differing_files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "compatible": self.compatible, "verdict": self.verdict, "adapter": self.adapter, "base": self.base,
+            "problems": self.problems, "notes": self.notes, "differing_files": self.differing_files,
+        }
+
+    def summary(self) -> str:
+        listed = self.problems[:MAX_LISTED]
+        extra = len(self.problems) - len(listed)
+        lines = [f"{self.adapter} on {self.base}: {'compatible' if self.compatible else 'INCOMPATIBLE'} ({self.verdict})"]
+        lines += [f"  ✗ {p}" for p in listed]
+        if extra:
+            lines.append(f"  … and {extra} more problems")
+        lines += [f"  · {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _normalise(key: str) -> str:
+    # Checkpoints name the same module with different prefixes (model., language_model.model., ...).
+    match = _FROM_LAYERS.search(key)
+    return match.group(1) if match else key
+
+
+def _logical_shape(module: str, tensors: dict[str, list], bits: int | None) -> tuple[int, int] | None:
+    """(in, out) of a base module as an adapter sees it, unpacking quantized weights."""
+    info = tensors.get(module + ".weight")
+    if info is None or len(info[1]) != 2:
+        return None
+    rows, cols = info[1]
+    if module + ".scales" in tensors and bits:
+        cols = cols * 32 // bits
+    if "embed" in module.rsplit(".", 1)[-1]:
+        return rows, cols  # embeddings: lora_a (num_embeddings, r), lora_b (r, dims)
+    return cols, rows
+
+
+def check(adapter_name: str, modules: dict[str, tuple[int, int]], layers: list[int], adapter_base: dict | None,
+          base_name: str, base: dict, adapter_base_files: list[dict] | None = None,
+          allow_different_weights: bool = False) -> CompatReport:
+    """Decide whether an adapter fits a base model.
+
+    Args:
+        adapter_name: the adapter's ref, for messages.
+        modules: adapter module path -> (in, out), from its weight header.
+        layers: decoder layer indices the adapter touches.
+        adapter_base: the adapter's recorded base {sha256, structure_sha256, ...}, or None.
+        base_name: the candidate base's name or path, for messages.
+        base: the candidate base's fingerprint (sha256, structure_sha256, config, tensors, files).
+        adapter_base_files: the files of the adapter's recorded base, to say which differ.
+        allow_different_weights: accept the same structure with other weights.
+    """
+    config = base["config"]
+    quant = config.get("quantization") or {}
+    by_normal = {_normalise(k.removesuffix(".weight")): k.removesuffix(".weight")
+                 for k in base["tensors"] if k.endswith(".weight")}
+    problems: list[str] = []
+    total_layers = config.get("num_hidden_layers")
+    if total_layers is not None:
+        beyond = [i for i in layers if i >= total_layers]
+        if beyond:
+            problems.append(f"adapter touches layer(s) {', '.join(map(str, beyond))} but the base has {total_layers} layers (0–{total_layers - 1})")
+    for module, (n_in, n_out) in sorted(modules.items()):
+        base_module = by_normal.get(_normalise(module))
+        if base_module is None:
+            problems.append(f"module {module} is missing from the base")
+            continue
+        shape = _logical_shape(base_module, base["tensors"], quant.get("bits"))
+        if shape is None:
+            problems.append(f"module {module} is not a 2-D weight in the base")
+        elif shape != (n_in, n_out):
+            problems.append(f"module {module}: adapter expects (in {n_in}, out {n_out}), base has (in {shape[0]}, out {shape[1]})")
+    report = dict(adapter=adapter_name, base=base_name)
+    if problems:
+        return CompatReport(False, "incompatible", problems=problems, **report)
+    if adapter_base is None:
+        return CompatReport(True, "structural", notes=["the adapter records no base model; only shapes were checked"], **report)
+    if adapter_base["sha256"] == base["sha256"]:
+        return CompatReport(True, "exact", notes=["same base weights the adapter was registered with"], **report)
+    if adapter_base["structure_sha256"] == base["structure_sha256"]:
+        recorded = {f["name"]: f["sha256"] for f in adapter_base_files or []}
+        differing = sorted(f["name"] for f in base["files"] if recorded.get(f["name"]) != f["sha256"])
+        what = f"weights differ from the adapter's base {adapter_base.get('name') or adapter_base['sha256'][:12]} in {', '.join(differing) or 'some files'}"
+        if allow_different_weights:
+            return CompatReport(True, "different-weights", notes=[f"same structure; {what}"], differing_files=differing, **report)
+        return CompatReport(False, "different-weights", differing_files=differing,
+                            problems=[f"same structure but {what} (pass --allow-different-weights to accept)"], **report)
+    recorded_config = adapter_base.get("config") or {}
+    same_model = all(recorded_config.get(k) == config.get(k) for k in recorded_config if k != "quantization")
+    if same_model and recorded_config.get("quantization") != config.get("quantization"):
+        q = config.get("quantization")
+        state = f"{q['bits']}-bit quantized (group size {q['group_size']})" if q else "not quantized"
+        return CompatReport(True, "quantized-variant", notes=[
+            f"the base is a {state} variant of the adapter's base model; outputs differ slightly from the original"], **report)
+    if allow_different_weights:
+        return CompatReport(True, "different-weights", notes=["a different model whose shapes fit; results are unpredictable"], **report)
+    return CompatReport(False, "different-weights", problems=[
+        "a different model from the adapter's base (structure differs) although the shapes fit (pass --allow-different-weights to accept)"], **report)

@@ -1,0 +1,86 @@
+"""`adapterhub demo`: the whole lifecycle on a tiny local model, as a new user would run it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from .registry import Registry
+from .tinymodel import write_dataset, write_model
+
+DEMO_ITERS = 30
+
+
+def _step(title: str, quiet: bool) -> None:
+    if not quiet:
+        click.secho(f"\n== {title}", bold=True)
+
+
+def _cli(registry: Path, *args: str, quiet: bool, check: bool = True) -> subprocess.CompletedProcess:
+    """Run our own CLI as a user would, echoing the command and its output."""
+    command = [sys.executable, "-m", "adapterhub.cli", "--registry", str(registry), *args]
+    if not quiet:
+        click.echo("$ adapterhub " + " ".join(args))
+    done = subprocess.run(command, capture_output=True, text=True)
+    if not quiet:
+        click.echo((done.stdout + done.stderr).rstrip())
+    if check and done.returncode != 0:
+        raise SystemExit(f"demo step failed: adapterhub {' '.join(args)}")
+    return done
+
+
+def train_with_mlx_lm(model: Path, data: Path, adapter_path: Path, iters: int = DEMO_ITERS, seed: int = 0,
+                      quiet: bool = True, extra: tuple[str, ...] = ()) -> Path:
+    """Train a LoRA adapter with upstream `mlx_lm lora` (our own trainer replaces this later)."""
+    command = [sys.executable, "-m", "mlx_lm", "lora", "--model", str(model), "--train", "--data", str(data),
+               "--adapter-path", str(adapter_path), "--iters", str(iters), "--batch-size", "4", "--num-layers", "2",
+               "--steps-per-eval", str(iters), "--val-batches", "2", "--learning-rate", "1e-3",
+               "--save-every", str(max(iters // 2, 1)), "--seed", str(seed), *extra]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run(command, capture_output=quiet, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"mlx_lm lora failed:\n{done.stdout}{done.stderr}")
+    return adapter_path
+
+
+def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
+    workdir = Path(workdir)
+    model, data, adapters = workdir / "tiny-llama", workdir / "stories", workdir / "adapters-stories"
+    _step("1. a tiny llama model (random weights, local tokenizer) and a dataset", quiet)
+    if not (model / "config.json").exists():
+        write_model(model)
+    write_dataset(data, seed=1)
+    if not quiet:
+        click.echo(f"model: {model}   data: {data}")
+
+    _step(f"2. train a LoRA adapter with mlx_lm.lora ({DEMO_ITERS} iterations)", quiet)
+    if not (adapters / "adapters.safetensors").exists():
+        train_with_mlx_lm(model, data, adapters, quiet=quiet)
+
+    _step("3. register the base, import the adapter with its dataset", quiet)
+    Registry(registry).init()
+    _cli(registry, "base", "add", str(model), "--name", "tiny-llama", quiet=quiet)
+    _cli(registry, "import", str(adapters), "--name", "tiny-stories-lora", "--base", "tiny-llama",
+         "--dataset", str(data), "--tag", "task=stories", "--description", "demo adapter", quiet=quiet)
+    checkpoint = sorted(adapters.glob("*_adapters.safetensors"))[0]
+    _cli(registry, "import", str(adapters), "--name", "tiny-stories-lora-ckpt", "--base", "tiny-llama",
+         "--checkpoint", checkpoint.name, "--tag", "task=stories", quiet=quiet)
+
+    _step("4. naming rules refuse a bad name", quiet)
+    _cli(registry, "import", str(adapters), "--name", "Tiny Stories!", quiet=quiet, check=False)
+
+    _step("5. show, alias, check against the base, list, export, verify", quiet)
+    _cli(registry, "show", "tiny-stories-lora", quiet=quiet)
+    _cli(registry, "alias", "tiny-stories-lora", "prod", quiet=quiet)
+    _cli(registry, "check", "tiny-stories-lora@prod", "--base", str(model), quiet=quiet)
+    _cli(registry, "list", quiet=quiet)
+    export = workdir / "export-prod"
+    if not export.exists():
+        _cli(registry, "export", "tiny-stories-lora@prod", str(export), quiet=quiet)
+    _cli(registry, "verify", quiet=quiet)
+    if not quiet:
+        click.echo(f"\ndone: registry at {registry}; try 'adapterhub --registry {registry} list'")

@@ -1,0 +1,1 @@
+"""Adapter folder formats: reading what other tools write, writing what they load."""

@@ -1,0 +1,167 @@
+"""mlx-lm adapter folders: `adapter_config.json` + `adapters.safetensors`.
+
+Everything the registry records about an adapter is derived from its tensors
+(rank, kind, layers, targets) and cross-checked with the config, because a
+config can lie and the tensors cannot.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+from ..errors import InvalidAdapterError, NotFoundError
+from ..safetensors_io import Header, non_finite_tensors, read_header, refuse_pickle
+from ..schemas import validate
+from ..store import read_json
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapters.safetensors"
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
+# Hyper-parameters mlx-lm writes into adapter_config.json that describe training.
+TRAINING_KEYS = (
+    "iters", "batch_size", "learning_rate", "lr_schedule", "optimizer", "optimizer_config",
+    "max_seq_length", "grad_accumulation_steps", "grad_checkpoint", "mask_prompt", "seed",
+    "steps_per_eval", "val_batches", "save_every", "num_layers", "lora_parameters", "fine_tune_type",
+)
+
+
+@dataclass(frozen=True)
+class ParsedAdapter:
+    """An adapter folder read and checked, ready to register."""
+
+    config_path: Path
+    weights_path: Path
+    config: dict
+    header: Header
+    kind: str
+    rank: int
+    scale: float
+    dropout: float
+    layers: tuple[int, ...]
+    targets: tuple[str, ...]
+    dtype: str
+    num_parameters: int
+    modules: dict[str, tuple[int, int]]  # module path -> (in, out)
+
+    @property
+    def hyperparameters(self) -> dict:
+        return {k: self.config[k] for k in TRAINING_KEYS if k in self.config}
+
+
+def _bad(path: Path, why: str, hint: str = "re-train or re-save the adapter with mlx_lm.lora") -> InvalidAdapterError:
+    return InvalidAdapterError(f"{path}: {why}", hint=hint)
+
+
+def read_adapter_folder(folder: Path, checkpoint: str | None = None) -> ParsedAdapter:
+    """Read and check an mlx-lm adapter folder.
+
+    Args:
+        folder: the folder holding adapter_config.json.
+        checkpoint: a checkpoint file (e.g. `0000100_adapters.safetensors`) to import
+            instead of adapters.safetensors; a name inside `folder` or a path.
+
+    Raises:
+        InvalidAdapterError: missing files, pickles, bad tensors, or a config that
+            disagrees with the tensors.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotFoundError(f"adapter folder {folder} does not exist", hint="give the folder mlx_lm.lora wrote (--adapter-path)")
+    for p in folder.iterdir():
+        if p.name.startswith("adapter") and p.suffix in (".bin", ".pt", ".pth"):
+            refuse_pickle(p)
+    config_path = folder / CONFIG_FILE
+    config = read_json(config_path)
+    if config is None:
+        raise _bad(folder, f"no {CONFIG_FILE}", hint="import the folder mlx_lm.lora wrote; it holds adapter_config.json")
+    if not isinstance(config, dict):
+        raise _bad(config_path, "is not a JSON object")
+    if config.get("peft_type"):
+        raise InvalidAdapterError(f"{folder} is a PEFT adapter folder", hint="PEFT import is not available yet; export it with mlx_lm or wait for PEFT support")
+    validate(config, "mlx_adapter_config", what=str(config_path))
+    weights_path = Path(checkpoint) if checkpoint else folder / WEIGHTS_FILE
+    if checkpoint and not weights_path.is_absolute() and not weights_path.exists():
+        weights_path = folder / checkpoint
+    refuse_pickle(weights_path)
+    if not weights_path.is_file():
+        raise _bad(folder, f"no {weights_path.name}", hint="import the folder mlx_lm.lora wrote, or name a checkpoint with --checkpoint")
+    header = read_header(weights_path)
+    return derive(config_path, weights_path, config, header)
+
+
+def derive(config_path: Path, weights_path: Path, config: dict, header: Header, check_values: bool = True) -> ParsedAdapter:
+    """Everything recorded about an adapter, from its tensors, checked against its config."""
+    if not header.tensors:
+        raise _bad(weights_path, "holds no tensors")
+    fine_tune_type = config.get("fine_tune_type", "lora")
+    if fine_tune_type == "full":
+        raise _bad(config_path, "is a full fine-tune, not an adapter", hint="fuse it into a model with mlx_lm instead")
+    modules: dict[str, dict[str, tuple]] = {}
+    for key, info in header.tensors.items():
+        module, _, leaf = key.rpartition(".")
+        if leaf not in ("lora_a", "lora_b", "m") or not module:
+            raise _bad(weights_path, f"tensor '{key}' is not a LoRA/DoRA parameter (lora_a, lora_b or m)")
+        modules.setdefault(module, {})[leaf] = info.shape
+    ranks, layers, targets, shapes = set(), set(), set(), {}
+    has_magnitude = False
+    for module, leaves in sorted(modules.items()):
+        if "lora_a" not in leaves or "lora_b" not in leaves:
+            raise _bad(weights_path, f"module '{module}' lacks {'lora_b' if 'lora_a' in leaves else 'lora_a'}")
+        a, b = leaves["lora_a"], leaves["lora_b"]
+        if len(a) != 2 or len(b) != 2:
+            raise _bad(weights_path, f"module '{module}' has lora_a {list(a)} and lora_b {list(b)}; only 2-D LoRA is supported")
+        if a[1] != b[0]:
+            raise _bad(weights_path, f"module '{module}': lora_a {list(a)} has rank {a[1]} but lora_b {list(b)} has rank {b[0]}")
+        if "m" in leaves:
+            has_magnitude = True
+            if tuple(leaves["m"]) != (b[1],):
+                raise _bad(weights_path, f"module '{module}': DoRA magnitude m has shape {list(leaves['m'])}, expected [{b[1]}]")
+        ranks.add(a[1])
+        shapes[module] = (a[0], b[1])
+        match = _LAYER.search(module)
+        if match:
+            layers.add(int(match.group(1)))
+            targets.add(match.group(2))
+        else:
+            targets.add(module)
+    if len(ranks) != 1:
+        raise _bad(weights_path, f"modules have different ranks {sorted(ranks)}; mlx-lm adapters have one rank")
+    rank = ranks.pop()
+    kind = "dora" if has_magnitude else "lora"
+    if fine_tune_type != kind:
+        raise _bad(config_path, f"says fine_tune_type '{fine_tune_type}' but the tensors are {kind.upper()} "
+                   f"({'with' if has_magnitude else 'without'} magnitude vectors 'm')")
+    params = config.get("lora_parameters") or {}
+    if "rank" in params and params["rank"] != rank:
+        raise _bad(config_path, f"says rank {params['rank']} but the tensors have rank {rank}")
+    if "scale" not in params:
+        raise _bad(config_path, "has no lora_parameters.scale", hint="add the scale used in training (mlx-lm's default is 20.0)")
+    keys = params.get("keys")
+    if keys and not targets <= set(keys):
+        raise _bad(config_path, f"lists target keys {sorted(keys)} but the tensors also touch {sorted(targets - set(keys))}")
+    num_layers = config.get("num_layers")
+    if isinstance(num_layers, int) and num_layers > 0 and layers and len(layers) != num_layers:
+        raise _bad(config_path, f"says num_layers {num_layers} but the tensors touch {len(layers)} layers")
+    bad = non_finite_tensors(header) if check_values else []
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise _bad(weights_path, f"NaN or infinite values in {', '.join(bad[:5])}{more}", hint="the training diverged; use an earlier checkpoint or a lower learning rate")
+    dtypes = {t.dtype for t in header.tensors.values()}
+    return ParsedAdapter(
+        config_path=config_path,
+        weights_path=weights_path,
+        config=config,
+        header=header,
+        kind=kind,
+        rank=rank,
+        scale=float(params["scale"]),
+        dropout=float(params.get("dropout", 0.0)),
+        layers=tuple(sorted(layers)),
+        targets=tuple(sorted(targets)),
+        dtype=dtypes.pop() if len(dtypes) == 1 else "mixed",
+        num_parameters=sum(prod(t.shape) for t in header.tensors.values()),
+        modules=shapes,
+    )

@@ -1,0 +1,579 @@
+"""`Registry(root)`: the single code path that creates, resolves, lists and removes records.
+
+On disk (see registry/README.md):
+
+    registry.json                 marker and format version
+    policy.json                   naming policy
+    registry.lock                 held by every write transaction
+    objects/<sha[:2]>/<sha>       content-addressed files (adapter weights, configs)
+    catalog/adapters/<name>.json  one TinyDB per adapter name: versions (doc_id = version), aliases
+    catalog/sha/<sha[:2]>.json    sha256 -> name@version, for sha-prefix refs and blob reference counts
+    catalog/by-base/<sha[:16]>.json  names with a version on that base, for `list --base`
+    catalog/bases.json, catalog/datasets.json
+
+A write puts files first, index rows next and the version record last, so a
+process killed at any point leaves at worst an orphan blob or a stale index
+row, which readers skip and `verify` reports without failing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, ContextManager, Iterator
+
+from tinydb import Query
+from tinydb.table import Document
+
+from . import compat, naming
+from .errors import (AdapterHubError, ConflictError, CorruptRegistryError, IncompatibleError,
+                     InvalidAdapterError, NotFoundError, SchemaError)
+from .fingerprint import HashCache, fingerprint_dataset, fingerprint_model
+from .formats import mlx as mlx_format
+from .safetensors_io import read_header, sha256_file
+from .schemas import validate
+from .store import ObjectStore, RegistryLock, atomic_write, open_db, read_json, write_json
+
+FORMAT = 1
+# A byte-progress factory: (description, total bytes) -> context manager yielding advance(n).
+ProgressFactory = Callable[[str, int], ContextManager[Callable[[int], None]]]
+
+
+def _no_progress(description: str, total: int) -> ContextManager[Callable[[int], None]]:
+    return nullcontext(lambda n: None)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """One registered adapter version, as `show` reports it."""
+
+    record: dict
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.record["name"]
+
+    @property
+    def version(self) -> int:
+        return self.record["version"]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def sha256(self) -> str:
+        return self.record["sha256"]
+
+    def file_sha(self, filename: str) -> str:
+        return next(f["sha256"] for f in self.record["files"] if f["name"] == filename)
+
+    def to_dict(self) -> dict:
+        return {"ref": self.ref, **self.record, "aliases": list(self.aliases)}
+
+
+@dataclass
+class VerifyReport:
+    """Problems fail verification; notes are harmless leftovers of interrupted writes."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    checked: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "problems": self.problems, "notes": self.notes, "checked": self.checked}
+
+
+class Registry:
+    """A registry rooted at a folder. Every method is one user-level operation."""
+
+    def __init__(self, root: Path | str, progress: ProgressFactory = _no_progress, hash_cache: HashCache | None = None):
+        self.root = Path(root).expanduser()
+        self.objects = ObjectStore(self.root / "objects")
+        self.catalog = self.root / "catalog"
+        self._lock = RegistryLock(self.root / "registry.lock")
+        self._progress = progress
+        self._hash_cache = hash_cache
+
+    # ---- set-up -------------------------------------------------------------
+
+    @property
+    def initialized(self) -> bool:
+        return (self.root / "registry.json").is_file()
+
+    def init(self) -> bool:
+        """Create the registry layout; returns False when it already existed."""
+        if self.initialized:
+            self._marker()
+            return False
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._lock.hold():
+            if self.initialized:
+                return False
+            for folder in (self.objects.root / "tmp", self.catalog / "adapters", self.catalog / "sha", self.catalog / "by-base"):
+                folder.mkdir(parents=True, exist_ok=True)
+            if not (self.root / "policy.json").exists():
+                write_json(self.root / "policy.json", naming.Policy().to_dict())
+            from . import __version__
+
+            write_json(self.root / "registry.json", {"format": FORMAT, "created_at": now(), "adapterhub_version": __version__})
+        return True
+
+    def _marker(self) -> dict:
+        marker = read_json(self.root / "registry.json")
+        if marker is None:
+            raise NotFoundError(f"no registry at {self.root}", hint=f"run 'adapterhub init {self.root}'")
+        validate(marker, "registry", what=str(self.root / "registry.json"))
+        return marker
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Hold the registry lock; create the registry on first write, as `git init` would be tedious."""
+        self.init()
+        with self._lock.hold():
+            yield
+
+    @property
+    def policy(self) -> naming.Policy:
+        doc = read_json(self.root / "policy.json", {}) or {}
+        validate(doc, "policy", what=str(self.root / "policy.json"))
+        return naming.Policy.from_dict(doc)
+
+    def set_policy(self, policy: naming.Policy) -> None:
+        with self._transaction():
+            doc = policy.to_dict()
+            validate(doc, "policy")
+            write_json(self.root / "policy.json", doc)
+
+    # ---- catalogue files ----------------------------------------------------
+
+    def _adapter_db(self, name: str):
+        return open_db(self.catalog / "adapters" / f"{name}.json")
+
+    def _sha_db(self, sha256: str):
+        return open_db(self.catalog / "sha" / f"{sha256[:2]}.json")
+
+    def _by_base_db(self, base_sha: str):
+        return open_db(self.catalog / "by-base" / f"{base_sha[:16]}.json")
+
+    def _versions(self, name: str) -> list[dict]:
+        return [dict(d) for d in self._adapter_db(name).table("versions").all()]
+
+    def _aliases(self, name: str) -> dict[str, int]:
+        return {d["alias"]: d["version"] for d in self._adapter_db(name).table("aliases").all()}
+
+    def _names(self) -> list[str]:
+        folder = self.catalog / "adapters"
+        if not folder.is_dir():
+            return []
+        return sorted(e.name[:-5] for e in os.scandir(folder) if e.name.endswith(".json") and not e.name.startswith("."))
+
+    def _version_obj(self, record: dict, aliases: dict[str, int] | None = None) -> AdapterVersion:
+        aliases = self._aliases(record["name"]) if aliases is None else aliases
+        return AdapterVersion(record, tuple(sorted(a for a, v in aliases.items() if v == record["version"])))
+
+    # ---- bases and datasets -------------------------------------------------
+
+    def bases(self) -> list[dict]:
+        return sorted((dict(d) for d in open_db(self.catalog / "bases.json").all()), key=lambda b: b["name"])
+
+    def base(self, name_or_sha: str) -> dict:
+        """A registered base by name or sha256 prefix (12+ characters)."""
+        key = name_or_sha.lower()
+        matches = [b for b in self.bases() if b["name"] == key or (len(key) >= 12 and b["sha256"].startswith(key))]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise NotFoundError(f"'{name_or_sha}' matches {len(matches)} bases", hint="give a longer sha256 prefix")
+        known = ", ".join(b["name"] for b in self.bases()[:10]) or "none yet"
+        raise NotFoundError(f"no base model '{name_or_sha}' (registered: {known})",
+                            hint=f"give a model folder path, or register it with 'adapterhub base add PATH --name {name_or_sha}'")
+
+    def _fingerprint(self, path: Path, reread: bool = False) -> dict:
+        from .fingerprint import weight_files
+
+        total = sum(p.stat().st_size for p in weight_files(path)) if Path(path).is_dir() else 0
+        with self._progress(f"fingerprinting {Path(path).name}", total) as advance:
+            return fingerprint_model(path, self._hash_cache, reread, advance)
+
+    def resolve_base(self, path_or_name: str | Path, reread: bool = False) -> tuple[dict, dict | None]:
+        """A base given as a folder path or a registered name -> (fingerprint, registered record or None)."""
+        path = Path(path_or_name).expanduser()
+        if path.is_dir():
+            fp = self._fingerprint(path, reread)
+            known = [b for b in self.bases() if b["sha256"] == fp["sha256"]]
+            return fp, known[0] if known else None
+        if os.sep in str(path_or_name) or str(path_or_name).startswith("."):
+            raise NotFoundError(f"model folder {path} does not exist", hint="give a local model folder or a registered base name")
+        record = self.base(str(path_or_name))
+        return record, record
+
+    def add_base(self, path: Path | str, name: str | None = None, reread: bool = False) -> tuple[dict, bool]:
+        """Fingerprint and register a base model; returns (record, created)."""
+        fp, existing = self.resolve_base(Path(path), reread)
+        if existing:
+            if name and name != existing["name"]:
+                raise ConflictError(f"this model is already registered as base '{existing['name']}'",
+                                    hint=f"use --base {existing['name']}")
+            return existing, False
+        with self._transaction():
+            return self._register_base(fp, name, Path(path)), True
+
+    def _register_base(self, fp: dict, name: str | None, path: Path) -> dict:
+        db = open_db(self.catalog / "bases.json")
+        same = db.get(Query().sha256 == fp["sha256"])
+        if same:
+            return dict(same)
+        taken = {d["name"] for d in db.all()}
+        if name:
+            naming.check_name(name)
+            if name in taken:
+                raise ConflictError(f"base name '{name}' is taken by another model", hint="choose another --name")
+        else:
+            name = _unique(naming.suggest_name(path.resolve().name), taken)
+        record = {**fp, "name": name, "hf_repo": None, "created_at": now()}
+        validate(record, "base_model")
+        db.insert(record)
+        return record
+
+    def datasets(self) -> list[dict]:
+        return [dict(d) for d in open_db(self.catalog / "datasets.json").all()]
+
+    def _register_dataset(self, fp: dict, path: Path) -> dict:
+        db = open_db(self.catalog / "datasets.json")
+        same = db.get(Query().sha256 == fp["sha256"])
+        if same:
+            return dict(same)
+        name = _unique(naming.suggest_name(path.resolve().name), {d["name"] for d in db.all()})
+        record = {**fp, "name": name, "created_at": now()}
+        validate(record, "dataset")
+        db.insert(record)
+        return record
+
+    # ---- adapters -----------------------------------------------------------
+
+    def resolve(self, ref: str) -> AdapterVersion:
+        """The version a ref names: `name`, `name@3`, `name@alias`, or a sha256 prefix."""
+        parsed = naming.parse_ref(ref)
+        versions = self._versions(parsed.name) if parsed.name and (self.catalog / "adapters" / f"{parsed.name}.json").is_file() else []
+        if versions:
+            aliases = self._aliases(parsed.name)
+            latest = max(v["version"] for v in versions)
+            wanted = parsed.version or (aliases.get(parsed.alias) if parsed.alias else latest)
+            if parsed.alias and wanted is None:
+                known = ", ".join(sorted(aliases)) or "none"
+                raise NotFoundError(f"adapter '{parsed.name}' has no alias '{parsed.alias}' (aliases: {known})",
+                                    hint=f"run 'adapterhub show {parsed.name}'")
+            for v in versions:
+                if v["version"] == wanted:
+                    return self._version_obj(v, aliases)
+            raise NotFoundError(f"adapter '{parsed.name}' has no version {wanted} (latest is {latest})",
+                                hint=f"run 'adapterhub list --name {parsed.name}'")
+        if parsed.sha_prefix:
+            found = self._by_sha_prefix(parsed.sha_prefix)
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                raise NotFoundError(f"sha256 prefix '{parsed.sha_prefix}' matches {len(found)} versions: "
+                                    + ", ".join(v.ref for v in found[:5]), hint="give a longer prefix or NAME@VERSION")
+        raise NotFoundError(f"no adapter '{ref}'", hint="run 'adapterhub list' to see what is registered")
+
+    def _by_sha_prefix(self, prefix: str) -> list[AdapterVersion]:
+        rows = self._sha_db(prefix).search(Query().sha256.test(lambda s: s.startswith(prefix)) & (Query().file == mlx_format.WEIGHTS_FILE))
+        found = {}
+        for row in rows:
+            # Rows are written before their record; one without a record is a leftover, not a version.
+            record = next((v for v in self._versions(row["name"]) if v["version"] == row["version"]), None)
+            if record and record["sha256"] == row["sha256"]:
+                found[(row["name"], row["version"])] = self._version_obj(record)
+        return list(found.values())
+
+    def list(self, base: str | None = None, kind: str | None = None, tags: dict[str, str] | None = None,
+             name_glob: str | None = None) -> list[AdapterVersion]:
+        """Versions matching every filter given, by name then version."""
+        if base:
+            base_sha = self.base(base)["sha256"]
+            names = sorted({d["name"] for d in self._by_base_db(base_sha).all()})
+        else:
+            base_sha, names = None, self._names()
+        if name_glob:
+            names = [n for n in names if fnmatch.fnmatchcase(n, name_glob)]
+        result = []
+        for name in names:
+            aliases = self._aliases(name)
+            for record in sorted(self._versions(name), key=lambda r: r["version"]):
+                if base_sha and (record.get("base") or {}).get("sha256") != base_sha:
+                    continue
+                if kind and record["kind"] != kind:
+                    continue
+                if tags and any(record["tags"].get(k) != v for k, v in tags.items()):
+                    continue
+                result.append(self._version_obj(record, aliases))
+        return result
+
+    def import_adapter(self, folder: Path | str, name: str, base: str | Path | None = None, dataset: Path | str | None = None,
+                       parent: str | None = None, relation: str = "resumed-from", tags: dict[str, str] | None = None,
+                       description: str | None = None, checkpoint: str | None = None,
+                       allow_different_weights: bool = False) -> tuple[AdapterVersion, bool]:
+        """Register an mlx-lm adapter folder as the next version of `name`.
+
+        Everything is read and checked before anything is written: a refused import
+        leaves the registry exactly as it was.
+
+        Returns:
+            (the version, True if it was created; False if `name` already had these exact weights).
+        """
+        tags = dict(tags or {})
+        parsed = mlx_format.read_adapter_folder(Path(folder), checkpoint)
+        base_fp, base_record = self.resolve_base(base) if base else (None, None)
+        dataset_fp = fingerprint_dataset(Path(dataset), self._hash_cache) if dataset else None
+        parent_version = self.resolve(parent) if parent else None
+        base_name = base_record["name"] if base_record else (naming.suggest_name(Path(base).resolve().name) if base else None)
+        naming.check_name(name, self.policy, tags, base_name)
+        if base_fp:
+            report = compat.check(name, parsed.modules, list(parsed.layers), None, str(base), base_fp)
+            if not report.compatible:
+                raise IncompatibleError(f"adapter {Path(folder)} does not fit base {base}: " + "; ".join(report.problems[:3]),
+                                        hint="check --base; it must be the model the adapter was trained on")
+        if parent_version and base_fp and parent_version.record.get("base") and parent_version.record["base"]["structure_sha256"] != base_fp["structure_sha256"]:
+            raise IncompatibleError(f"parent {parent_version.ref} was trained on a different base model structure",
+                                    hint="a parent must share the base model")
+
+        with self._transaction():
+            # Blobs deduplicate, so storing first costs nothing when these weights are already here.
+            with self._progress(f"storing {parsed.weights_path.name}", parsed.weights_path.stat().st_size) as advance:
+                weights_sha, weights_size = self.objects.put_file(parsed.weights_path, advance)
+            existing = [v for v in self._versions(name) if v["sha256"] == weights_sha]
+            if existing:
+                return self._version_obj(existing[0]), False
+            config_sha, config_size = self.objects.put_file(parsed.config_path)
+            base_record = self._register_base(base_fp, None, Path(base)) if base_fp and not base_record else base_record
+            dataset_record = self._register_dataset(dataset_fp, Path(dataset)) if dataset_fp else None
+            versions = self._versions(name)
+            version = max((v["version"] for v in versions), default=0) + 1
+            record = {
+                "name": name, "version": version, "sha256": weights_sha, "kind": parsed.kind, "rank": parsed.rank,
+                "scale": parsed.scale, "dropout": parsed.dropout, "targets": list(parsed.targets),
+                "layers": list(parsed.layers), "num_layers": len(parsed.layers), "dtype": parsed.dtype,
+                "num_parameters": parsed.num_parameters,
+                "base": _base_ref(base_record) if base_record else None,
+                "dataset": ({"name": dataset_record["name"], "sha256": dataset_record["sha256"],
+                             "examples": dataset_record["examples"]} if dataset_record else None),
+                "training": {"tool": "mlx_lm", "hyperparameters": parsed.hyperparameters, "losses": None}
+                if parsed.hyperparameters else None,
+                "parents": ([{"ref": parent_version.ref, "sha256": parent_version.sha256, "relation": relation}]
+                            if parent_version else []),
+                "files": [{"name": mlx_format.WEIGHTS_FILE, "sha256": weights_sha, "size": weights_size},
+                          {"name": mlx_format.CONFIG_FILE, "sha256": config_sha, "size": config_size}],
+                "tags": tags, "description": description,
+                "source": {"path": str(Path(folder).resolve()), "format": "mlx", "checkpoint": checkpoint},
+                "created_at": now(),
+            }
+            validate(record, "adapter_version", what=f"record for {name}@{version}")
+            self._index(record)
+            self._adapter_db(name).table("versions").insert(Document(record, doc_id=version))
+            return self._version_obj(record), True
+
+    def _index(self, record: dict) -> None:
+        for f in record["files"]:
+            self._sha_db(f["sha256"]).insert({"sha256": f["sha256"], "name": record["name"],
+                                              "version": record["version"], "file": f["name"]})
+        if record["base"]:
+            db = self._by_base_db(record["base"]["sha256"])
+            if not db.contains(Query().name == record["name"]):
+                db.insert({"name": record["name"]})
+
+    def export(self, ref: str, out_dir: Path | str, format: str = "mlx") -> list[Path]:
+        """Write a folder mlx_lm loads as is; the weights are byte-identical to what was imported."""
+        if format != "mlx":
+            raise AdapterHubError(f"export format '{format}' is not available yet", hint="use --format mlx")
+        version = self.resolve(ref)
+        out = Path(out_dir)
+        if out.exists() and any(out.iterdir()):
+            raise ConflictError(f"{out} exists and is not empty", hint="give a new folder for --out")
+        staging = out.parent / f".{out.name}.export{os.getpid()}.tmp"
+        staging.mkdir(parents=True, exist_ok=False)
+        try:
+            for f in version.record["files"]:
+                with open(self.objects.path(f["sha256"]), "rb") as src, atomic_write(staging / f["name"]) as dst:
+                    shutil.copyfileobj(src, dst, 8 << 20)
+            if out.exists():
+                out.rmdir()
+            os.replace(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return [out / f["name"] for f in version.record["files"]]
+
+    def modules(self, version: AdapterVersion) -> dict[str, tuple[int, int]]:
+        """Module path -> (in, out) of a stored adapter, from its weight header alone."""
+        header = read_header(self.objects.path(version.sha256))
+        return mlx_format.derive(self.objects.path(version.file_sha(mlx_format.CONFIG_FILE)), header.path,
+                                  read_json(self.objects.path(version.file_sha(mlx_format.CONFIG_FILE))), header,
+                                 check_values=False).modules
+
+    def check(self, ref: str, base: str | Path, allow_different_weights: bool = False) -> compat.CompatReport:
+        """Compatibility report of an adapter with a base given as a path or a registered name."""
+        version = self.resolve(ref)
+        base_fp, _ = self.resolve_base(base)
+        recorded = version.record.get("base")
+        recorded_full = next((b for b in self.bases() if recorded and b["sha256"] == recorded["sha256"]), None)
+        adapter_base = {**recorded, "config": recorded_full["config"]} if recorded and recorded_full else recorded
+        return compat.check(version.ref, self.modules(version), version.record["layers"], adapter_base, str(base), base_fp,
+                            recorded_full["files"] if recorded_full else None, allow_different_weights)
+
+    def alias(self, ref: str, alias: str) -> AdapterVersion:
+        """Point `name@alias` at the version `ref` names (aliases move, versions do not)."""
+        naming.check_alias(alias)
+        with self._transaction():
+            version = self.resolve(ref)
+            table = self._adapter_db(version.name).table("aliases")
+            table.upsert({"alias": alias, "version": version.version}, Query().alias == alias)
+            return self.resolve(version.ref)
+
+    def tag(self, ref: str, key: str, value: str) -> AdapterVersion:
+        with self._transaction():
+            version = self.resolve(ref)
+            record = {**version.record, "tags": {**version.record["tags"], key: value}}
+            validate(record, "adapter_version", what=f"record for {version.ref}")
+            self._adapter_db(version.name).table("versions").update({"tags": record["tags"]}, doc_ids=[version.version])
+            return self.resolve(version.ref)
+
+    def children(self, version: AdapterVersion) -> list[str]:
+        """Refs of versions that list `version` as a parent. A full scan: rm is rare, the index is not worth it."""
+        return [f"{r['name']}@{r['version']}" for name in self._names() for r in self._versions(name)
+                if any(p["sha256"] == version.sha256 and p["ref"] == version.ref for p in r["parents"])]
+
+    def remove(self, ref: str, force: bool = False) -> AdapterVersion:
+        """Remove one version; refused while others name it as parent, unless forced."""
+        with self._transaction():
+            version = self.resolve(ref)
+            dependants = self.children(version)
+            if dependants and not force:
+                raise ConflictError(f"{version.ref} is the parent of {', '.join(dependants[:5])}",
+                                    hint="remove those first, or pass --force to keep them with a dangling parent")
+            db = self._adapter_db(version.name)
+            # The record goes first: a crash after it leaves stale index rows and orphan blobs, both harmless.
+            db.table("versions").remove(doc_ids=[version.version])
+            db.table("aliases").remove(Query().version == version.version)
+            for f in version.record["files"]:
+                sha_db = self._sha_db(f["sha256"])
+                sha_db.remove((Query().sha256 == f["sha256"]) & (Query().name == version.name) & (Query().version == version.version))
+                if not sha_db.contains(Query().sha256 == f["sha256"]):
+                    self.objects.remove(f["sha256"])
+            if not self._versions(version.name):
+                (self.catalog / "adapters" / f"{version.name}.json").unlink(missing_ok=True)
+            if version.record["base"] and not any(v.get("base") and v["base"]["sha256"] == version.record["base"]["sha256"]
+                                                  for v in self._versions(version.name)):
+                self._by_base_db(version.record["base"]["sha256"]).remove(Query().name == version.name)
+            return version
+
+    # ---- integrity ----------------------------------------------------------
+
+    def verify(self) -> VerifyReport:
+        """Every record against its schema, every blob re-hashed, every reference resolved."""
+        report = VerifyReport()
+        try:
+            self._marker()
+            self.policy
+        except AdapterHubError as e:
+            report.problems.append(str(e.message))
+            return report
+        referenced: set[str] = set()
+        known_refs: dict[str, str] = {}
+        records: list[dict] = []
+        for name in self._names():
+            try:
+                db = self._adapter_db(name)
+                versions, aliases = self._versions(name), self._aliases(name)
+            except CorruptRegistryError as e:
+                report.problems.append(e.message)
+                continue
+            for record in versions:
+                try:
+                    validate(record, "adapter_version", what=f"record {name}@{record.get('version')}")
+                except SchemaError as e:
+                    report.problems.append(e.message)
+                    continue
+                records.append(record)
+                known_refs[f"{name}@{record['version']}"] = record["sha256"]
+            numbers = {r["version"] for r in versions}
+            report.problems += [f"alias {name}@{a} points at missing version {v}" for a, v in aliases.items() if v not in numbers]
+            del db
+        bases = {b["sha256"]: b for b in self._checked_rows(self.catalog / "bases.json", "base_model", report)}
+        datasets = {d["sha256"] for d in self._checked_rows(self.catalog / "datasets.json", "dataset", report)}
+        for record in records:
+            ref = f"{record['name']}@{record['version']}"
+            for f in record["files"]:
+                referenced.add(f["sha256"])
+                blob = self.objects.path(f["sha256"])
+                if not blob.is_file():
+                    report.problems.append(f"{ref}: file {f['name']} is missing from the object store ({blob})")
+                elif sha256_file(blob) != f["sha256"]:
+                    report.problems.append(f"{ref}: file {f['name']} is corrupt (its sha256 no longer matches)")
+            if record["base"] and record["base"]["sha256"] not in bases:
+                report.problems.append(f"{ref}: base {record['base']['name']} is not registered")
+            if record["dataset"] and record["dataset"]["sha256"] not in datasets:
+                report.problems.append(f"{ref}: dataset {record['dataset']['name']} is not registered")
+            for p in record["parents"]:
+                if known_refs.get(p["ref"]) != p["sha256"]:
+                    report.problems.append(f"{ref}: parent {p['ref']} ({p['sha256'][:12]}) is not in the registry")
+        stale = 0
+        for shard in sorted((self.catalog / "sha").glob("*.json")):
+            try:
+                rows = open_db(shard).all()
+            except CorruptRegistryError as e:
+                report.problems.append(e.message)
+                continue
+            stale += sum(1 for r in rows if known_refs.get(f"{r['name']}@{r['version']}") is None)
+        orphans = [sha for sha in self.objects.all() if sha not in referenced]
+        leftovers = self.objects.leftovers() + sorted(self.catalog.rglob("*.tmp"))
+        if stale:
+            report.notes.append(f"{stale} index row(s) left by an interrupted write; they are ignored")
+        if orphans:
+            report.notes.append(f"{len(orphans)} unreferenced blob(s) in objects/ left by an interrupted write")
+        if leftovers:
+            report.notes.append(f"{len(leftovers)} temporary file(s) left by an interrupted write")
+        report.checked = {"versions": len(records), "blobs": len(referenced), "bases": len(bases), "datasets": len(datasets)}
+        return report
+
+    def _checked_rows(self, path: Path, schema: str, report: VerifyReport) -> list[dict]:
+        try:
+            rows = [dict(d) for d in open_db(path).all()]
+        except CorruptRegistryError as e:
+            report.problems.append(e.message)
+            return []
+        good = []
+        for row in rows:
+            try:
+                validate(row, schema, what=f"{path.name} row {row.get('name')}")
+                good.append(row)
+            except SchemaError as e:
+                report.problems.append(e.message)
+        return good
+
+
+def _base_ref(record: dict) -> dict:
+    return {k: record[k] for k in ("name", "sha256", "structure_sha256", "model_type")}
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    return candidate
+

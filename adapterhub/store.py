@@ -1,0 +1,170 @@
+"""The only module that imports TinyDB: atomic files, the registry lock, the object store.
+
+The catalogue is many small TinyDB files rather than one big one, so the cost
+of a read or write follows the size of what it touches, not of the registry.
+Every file is replaced by an atomic rename, so a reader never sees half a file
+and a killed writer leaves at worst an orphan temporary file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from filelock import FileLock, Timeout
+from tinydb import TinyDB
+from tinydb.storages import Storage
+
+from .errors import CorruptRegistryError, AdapterHubError
+from .safetensors_io import Progress, copy_hashed
+
+TMP_SUFFIX = ".tmp"
+LOCK_TIMEOUT_S = float(os.environ.get("ADAPTERHUB_LOCK_TIMEOUT", "300"))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_path_for(path: Path) -> Path:
+    """A unique hidden sibling of `path`, so concurrent writers never share a temp file."""
+    return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+
+
+@contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator:
+    """Write `path` through a temporary file and an atomic rename; nothing is left on error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_json(path: Path, doc: object) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(doc, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def read_json(path: Path, default: object = None) -> object:
+    """Read a JSON file; a missing file gives `default`, a damaged one CorruptRegistryError."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return default
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CorruptRegistryError(
+            f"{path} is damaged: {e.msg} at line {e.lineno}",
+            hint="restore it from a backup or remove it; then run 'adapterhub verify'",
+        ) from None
+
+
+class AtomicJSONStorage(Storage):
+    """TinyDB storage that never creates a file on read and replaces it atomically on write.
+
+    TinyDB's own JSONStorage rewrites the file in place, which a crash or a second
+    process can leave truncated (tinydb issues #529, #537).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def read(self):
+        return read_json(self.path)
+
+    def write(self, data) -> None:
+        with atomic_write(self.path, "w") as f:
+            json.dump(data, f, separators=(",", ":"), sort_keys=True)
+
+    def close(self) -> None:
+        pass
+
+
+def open_db(path: Path) -> TinyDB:
+    return TinyDB(path, storage=AtomicJSONStorage)
+
+
+class RegistryLock:
+    """One lock per registry for every write transaction; reentrant within a process."""
+
+    def __init__(self, path: Path):
+        self._lock = FileLock(str(path), timeout=LOCK_TIMEOUT_S)
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        try:
+            with self._lock:
+                yield
+        except Timeout:
+            raise AdapterHubError(
+                f"the registry is locked by another process (waited {LOCK_TIMEOUT_S:.0f} s for {self._lock.lock_file})",
+                hint="wait for the other adapterhub command to finish, or raise ADAPTERHUB_LOCK_TIMEOUT",
+            ) from None
+
+
+class ObjectStore:
+    """Content-addressed blobs: `objects/<sha[:2]>/<sha>`, written once, deduplicated."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def put_file(self, source: Path, progress: Progress | None = None) -> tuple[str, int]:
+        """Copy `source` in, hashing it as it is written; returns (sha256, size)."""
+        staging = self.root / "tmp"
+        staging.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path_for(staging / "blob")
+        try:
+            with open(source, "rb", buffering=0) as src, open(tmp, "wb") as dst:
+                sha, size = copy_hashed(src, dst, progress)
+                dst.flush()
+                os.fsync(dst.fileno())
+            final = self.path(sha)
+            if final.is_file():
+                tmp.unlink()
+            else:
+                final.parent.mkdir(exist_ok=True)
+                os.chmod(tmp, 0o444)
+                os.replace(tmp, final)
+                _fsync_dir(final.parent)
+            return sha, size
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def remove(self, sha256: str) -> None:
+        self.path(sha256).unlink(missing_ok=True)
+
+    def all(self) -> Iterator[str]:
+        for shard in sorted(self.root.glob("[0-9a-f][0-9a-f]")):
+            for blob in sorted(shard.iterdir()):
+                if not blob.name.endswith(TMP_SUFFIX):
+                    yield blob.name
+
+    def leftovers(self) -> list[Path]:
+        """Temporary files a killed writer left behind."""
+        return sorted(p for p in self.root.rglob(f"*{TMP_SUFFIX}"))
