@@ -54,11 +54,15 @@ def broken_rule(name: str, reserved_words: tuple[str, ...] = RESERVED_WORDS) -> 
     return None
 
 
+def _slug(raw: str) -> str:
+    """Lowercase, name-alphabet only, single separators, none at the ends."""
+    slug = re.sub(r"[^a-z0-9._-]+", "-", raw.strip().lower())
+    return re.sub(r"[-_.]{2,}", lambda m: m.group(0)[0], slug).strip(SEPARATORS)
+
+
 def suggest_name(raw: str, reserved_words: tuple[str, ...] = RESERVED_WORDS) -> str:
     """A valid name as close to `raw` as the rules allow."""
-    name = re.sub(r"[^a-z0-9._-]+", "-", raw.strip().lower())
-    name = re.sub(r"[-_.]{2,}", lambda m: m.group(0)[0], name)
-    name = name.strip(SEPARATORS)
+    name = _slug(raw)
     if not name or not name[0].isalpha():
         name = f"adapter-{name}".rstrip(SEPARATORS)
     name = name[:MAX_LENGTH].rstrip(SEPARATORS)
@@ -106,9 +110,9 @@ def _expand_pattern(pattern: str, name: str, tags: dict, base: str | None) -> tu
             f"the registry policy pattern {pattern!r} needs a value for {', '.join(missing)}",
             hint=" ".join("--base NAME" if k == "base" else f"--tag {k}=VALUE" for k in missing),
         )
-    expanded = _PLACEHOLDER.sub(lambda m: re.escape(suggest_name(str(values[m.group(1)]))), pattern)
+    expanded = _PLACEHOLDER.sub(lambda m: re.escape(_slug(str(values[m.group(1)]))), pattern)
     # A suggestion is only offered for the common prefix form, e.g. '^{base}-{task}-'.
-    literal = _PLACEHOLDER.sub(lambda m: suggest_name(str(values[m.group(1)])), pattern)
+    literal = _PLACEHOLDER.sub(lambda m: _slug(str(values[m.group(1)])), pattern)
     example = None
     if literal.startswith("^") and re.fullmatch(r"\^[a-z0-9._-]+", literal):
         example = suggest_name(literal[1:] + name)
