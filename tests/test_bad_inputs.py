@@ -1,0 +1,158 @@
+"""Every bad input gets exit 1, one clear line, and a registry exactly as it was."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from tests.conftest import snapshot
+
+
+def _truncate(folder):
+    path = folder / "adapters.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _bad_header(folder):
+    (folder / "adapters.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a json header at all")
+
+
+def _rewrite(folder, change):
+    weights = dict(mx.load(str(folder / "adapters.safetensors")))
+    change(weights)
+    mx.save_safetensors(str(folder / "adapters.safetensors"), weights)
+
+
+def _nan(folder):
+    def poison(w):
+        key = sorted(k for k in w if k.endswith("lora_b"))[0]
+        values = np.array(w[key])
+        values[0, 0] = np.nan
+        w[key] = mx.array(values)
+    _rewrite(folder, poison)
+
+
+def _rank_mismatch(folder):
+    def shrink(w):
+        key = sorted(k for k in w if k.endswith("lora_b"))[0]
+        w[key] = w[key][:4]
+    _rewrite(folder, shrink)
+
+
+def _pickle(folder):
+    (folder / "adapters.safetensors").unlink()
+    (folder / "adapters.bin").write_bytes(b"\x80\x04\x95 pickled")
+
+
+def _no_config(folder):
+    (folder / "adapter_config.json").unlink()
+
+
+def _config_lies_about_rank(folder):
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["lora_parameters"]["rank"] = 16
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _config_says_dora(folder):
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["fine_tune_type"] = "dora"
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _config_not_json(folder):
+    (folder / "adapter_config.json").write_text("{rank: 8")
+
+
+IMPORT_CASES = [
+    ("truncated safetensors", _truncate, "not a valid safetensors file"),
+    ("wrong header", _bad_header, "not a valid safetensors file"),
+    ("NaN weights", _nan, "NaN or infinite values in model.layers."),
+    ("lora_a/lora_b rank mismatch", _rank_mismatch, "has rank 8 but lora_b [4, "),
+    ("pickle file", _pickle, "is a pickle file; adapterhub never unpickles weights"),
+    ("missing config", _no_config, "no adapter_config.json"),
+    ("config disagrees with tensors", _config_lies_about_rank, "says rank 16 but the tensors have rank 8"),
+    ("config says dora", _config_says_dora, "says fine_tune_type 'dora' but the tensors are LORA"),
+    ("config not JSON", _config_not_json, "adapter_config.json is damaged"),
+]
+
+
+@pytest.fixture
+def populated(registry, lora_adapter, tiny_model):
+    registry.import_adapter(lora_adapter, "existing", base=tiny_model)
+    return registry
+
+
+def _assert_refused(result, message, before, registry):
+    code, out, err = result
+    assert code == 1, (out, err)
+    assert err.startswith("error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert snapshot(registry.root) == before
+
+
+@pytest.mark.parametrize("case,damage,message", IMPORT_CASES, ids=[c[0] for c in IMPORT_CASES])
+def test_bad_adapter_folders_are_refused(cli, populated, adapter_copy, tiny_model, case, damage, message):
+    folder = adapter_copy()
+    damage(folder)
+    before = snapshot(populated.root)
+    _assert_refused(cli("import", folder, "--name", "broken", "--base", tiny_model), message, before, populated)
+
+
+BAD_COMMANDS = [
+    ("bad name", ["import", "{adapter}", "--name", "Bad Name"], "invalid name 'Bad Name'"),
+    ("reserved name", ["import", "{adapter}", "--name", "latest"], "'latest' is a reserved word"),
+    ("missing folder", ["import", "{tmp}/nowhere", "--name", "nowhere"], "does not exist"),
+    ("missing base", ["import", "{adapter}", "--name", "fine", "--base", "{tmp}/no-model"], "model folder"),
+    ("unknown base name", ["import", "{adapter}", "--name", "fine", "--base", "nobody"], "no base model 'nobody'"),
+    ("unknown parent", ["import", "{adapter}", "--name", "fine", "--parent", "ghost@1"], "no adapter 'ghost@1'"),
+    ("missing dataset", ["import", "{adapter}", "--name", "fine", "--dataset", "{tmp}/no-data"], "dataset folder"),
+    ("incompatible base", ["import", "{adapter}", "--name", "fine", "--base", "{narrow}"], "does not fit base"),
+    ("show unknown ref", ["show", "ghost"], "no adapter 'ghost'"),
+    ("show missing version", ["show", "existing@9"], "has no version 9 (latest is 1)"),
+    ("unknown sha prefix", ["show", "0123456789abcdef"], "no adapter '0123456789abcdef'"),
+    ("alias unknown ref", ["alias", "ghost", "prod"], "no adapter 'ghost'"),
+    ("bad alias", ["alias", "existing", "7"], "invalid alias '7'"),
+    ("tag unknown ref", ["tag", "ghost", "a=b"], "no adapter 'ghost'"),
+    ("rm unknown ref", ["rm", "ghost@2"], "no adapter 'ghost@2'"),
+    ("export unknown ref", ["export", "ghost", "{tmp}/out"], "no adapter 'ghost'"),
+    ("check unknown ref", ["check", "ghost", "--base", "{model}"], "no adapter 'ghost'"),
+    ("check missing base", ["check", "existing", "--base", "{tmp}/no-model"], "does not exist"),
+    ("pickle base model", ["base", "add", "{pickle_model}"], "is a pickle file"),
+]
+
+
+@pytest.mark.parametrize("case,args,message", BAD_COMMANDS, ids=[c[0] for c in BAD_COMMANDS])
+def test_bad_commands_are_refused(cli, populated, lora_adapter, tiny_model, tmp_path, case, args, message):
+    from adapterhub.tinymodel import write_model
+
+    narrow = write_model(tmp_path / "narrow", hidden_size=32, intermediate_size=64) if "{narrow}" in args else None
+    pickle_model = tmp_path / "pickle-model"
+    pickle_model.mkdir()
+    (pickle_model / "config.json").write_text("{}")
+    (pickle_model / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    values = dict(adapter=lora_adapter, tmp=tmp_path, model=tiny_model, narrow=narrow, pickle_model=pickle_model)
+    before = snapshot(populated.root)
+    _assert_refused(cli(*[a.format(**values) for a in args]), message, before, populated)
+
+
+@pytest.mark.parametrize("target", ["catalog/adapters/existing.json", "catalog/bases.json", "policy.json", "registry.json"])
+def test_corrupt_catalogue_file(cli, populated, lora_adapter, target):
+    path = populated.root / target
+    path.write_text(path.read_text()[:25])
+    before = snapshot(populated.root)
+    command = ["show", "existing"] if "adapters" in target else ["import", str(lora_adapter), "--name", "another"]
+    if target == "catalog/bases.json":
+        command = ["base", "list"]
+    _assert_refused(cli(*command), "is damaged", before, populated)
+    code, out, err = cli("verify")
+    assert code == 1 and "is damaged" in out + err
+
+
+def test_usage_errors_exit_2(cli):
+    code, _, err = cli("import")
+    assert code == 2 and "Missing argument" in err
+    code, _, err = cli("tag", "x", "novalue")
+    assert code == 2 and "is not KEY=VALUE" in err
+

@@ -1,0 +1,21 @@
+import json
+import subprocess
+import sys
+
+from adapterhub.registry import Registry
+from tests.conftest import subprocess_env
+
+
+def test_demo_runs_the_lifecycle_into_a_fresh_registry(tmp_path):
+    registry = tmp_path / "registry"
+    done = subprocess.run([sys.executable, "-m", "adapterhub.cli", "--registry", str(registry), "demo",
+                           "--workdir", str(tmp_path / "work")], capture_output=True, text=True, env=subprocess_env())
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "error: invalid name 'Tiny Stories!'" in done.stdout  # the naming step shows a refusal
+    reg = Registry(registry)
+    assert [v.ref for v in reg.list()] == ["tiny-stories-lora@1", "tiny-stories-lora-ckpt@1"]
+    assert reg.resolve("tiny-stories-lora@prod").version == 1
+    assert reg.verify().ok
+    shown = json.loads(subprocess.run([sys.executable, "-m", "adapterhub.cli", "--registry", str(registry), "--json", "show",
+                                       "tiny-stories-lora"], capture_output=True, text=True, env=subprocess_env()).stdout)
+    assert shown["dataset"]["examples"]["train"] == 64 and shown["base"]["name"] == "tiny-llama"
