@@ -43,7 +43,10 @@ class Context:
     def emit(self, data, text: str | None = None) -> None:
         """--json prints `data`; otherwise `text` unless --quiet."""
         if self.as_json:
-            click.echo(json.dumps(data, indent=2, sort_keys=True))
+            # Indented for a person at a terminal; compact for pipes, where json's C encoder
+            # is ten times faster on a long listing (it only runs without indent).
+            indent = 2 if sys.stdout.isatty() else None
+            click.echo(json.dumps(data, indent=indent, sort_keys=True))
         elif text is not None and not self.quiet:
             click.echo(text)
 

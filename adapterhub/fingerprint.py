@@ -6,11 +6,8 @@ import hashlib
 import json
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
-
-from filelock import FileLock
 
 from .errors import InvalidAdapterError, NotFoundError
 from .safetensors_io import PICKLE_SUFFIXES, read_header, refuse_pickle, sha256_file
@@ -55,6 +52,8 @@ class HashCache:
     def save(self) -> None:
         if not self._dirty:
             return
+        from filelock import FileLock
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.path) + ".lock"):
             entries = read_json(self.path, {}) or {}
@@ -89,6 +88,8 @@ def hash_files(paths: list[Path], cache: HashCache | None = None, reread: bool =
         else:
             todo.append(p)
     if todo:
+        from concurrent.futures import ThreadPoolExecutor
+
         workers = workers or min(len(todo), os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for p, sha in zip(todo, pool.map(lambda p: sha256_file(p, progress), todo)):

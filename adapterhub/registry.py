@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shutil
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -37,9 +38,10 @@ from .fingerprint import HashCache, fingerprint_dataset, fingerprint_model
 from .formats import mlx as mlx_format
 from .safetensors_io import read_header, sha256_file
 from .schemas import validate
-from .store import ObjectStore, RegistryLock, atomic_write, open_db, read_json, write_json
+from .store import ObjectStore, RegistryLock, atomic_write, open_db, read_json, read_tables, write_json
 
 FORMAT = 1
+_CATALOGUE_NAME = re.compile(r"^[a-z][a-z0-9._-]*$")
 # A byte-progress factory: (description, total bytes) -> context manager yielding advance(n).
 ProgressFactory = Callable[[str, int], ContextManager[Callable[[int], None]]]
 
@@ -170,11 +172,19 @@ class Registry:
     def _by_base_db(self, base_sha: str):
         return open_db(self.catalog / "by-base" / f"{base_sha[:16]}.json")
 
+    def _entry(self, name: str) -> tuple[list[dict], dict[str, int]]:
+        """A name's versions and aliases, from one read of its catalogue file."""
+        if not _CATALOGUE_NAME.match(name):
+            return [], {}  # never a path outside the catalogue, whatever a ref says
+        tables = read_tables(self.catalog / "adapters" / f"{name}.json")
+        versions = sorted(tables.get("versions", {}).values(), key=lambda r: r["version"])
+        return versions, {d["alias"]: d["version"] for d in tables.get("aliases", {}).values()}
+
     def _versions(self, name: str) -> list[dict]:
-        return [dict(d) for d in self._adapter_db(name).table("versions").all()]
+        return self._entry(name)[0]
 
     def _aliases(self, name: str) -> dict[str, int]:
-        return {d["alias"]: d["version"] for d in self._adapter_db(name).table("aliases").all()}
+        return self._entry(name)[1]
 
     def _names(self) -> list[str]:
         folder = self.catalog / "adapters"
@@ -269,9 +279,8 @@ class Registry:
     def resolve(self, ref: str) -> AdapterVersion:
         """The version a ref names: `name`, `name@3`, `name@alias`, or a sha256 prefix."""
         parsed = naming.parse_ref(ref)
-        versions = self._versions(parsed.name) if parsed.name and (self.catalog / "adapters" / f"{parsed.name}.json").is_file() else []
+        versions, aliases = self._entry(parsed.name) if parsed.name else ([], {})
         if versions:
-            aliases = self._aliases(parsed.name)
             latest = max(v["version"] for v in versions)
             wanted = parsed.version or (aliases.get(parsed.alias) if parsed.alias else latest)
             if parsed.alias and wanted is None:
@@ -314,8 +323,8 @@ class Registry:
             names = [n for n in names if fnmatch.fnmatchcase(n, name_glob)]
         result = []
         for name in names:
-            aliases = self._aliases(name)
-            for record in sorted(self._versions(name), key=lambda r: r["version"]):
+            versions, aliases = self._entry(name)
+            for record in versions:
                 if base_sha and (record.get("base") or {}).get("sha256") != base_sha:
                     continue
                 if kind and record["kind"] != kind:
@@ -387,6 +396,40 @@ class Registry:
             self._index(record)
             self._adapter_db(name).table("versions").insert(Document(record, doc_id=version))
             return self._version_obj(record), True
+
+    def register_records(self, records: list[dict]) -> int:
+        """Register many finished version records at once, for migrations and benchmarks.
+
+        Each record is validated and must reference blobs already in the object store
+        (not checked here: `verify` does). Writes are batched per catalogue file, in the
+        same order as import: index rows first, version records last.
+        """
+        by_shard: dict[str, list[dict]] = {}
+        by_base: dict[str, set[str]] = {}
+        by_name: dict[str, list[dict]] = {}
+        for record in records:
+            validate(record, "adapter_version", what=f"record for {record.get('name')}@{record.get('version')}")
+            for f in record["files"]:
+                by_shard.setdefault(f["sha256"][:2], []).append(
+                    {"sha256": f["sha256"], "name": record["name"], "version": record["version"], "file": f["name"]})
+            if record["base"]:
+                by_base.setdefault(record["base"]["sha256"], set()).add(record["name"])
+            by_name.setdefault(record["name"], []).append(record)
+        with self._transaction():
+            for shard, rows in by_shard.items():
+                self._sha_db(shard).insert_multiple(rows)
+            for base_sha, names in by_base.items():
+                db = self._by_base_db(base_sha)
+                known = {d["name"] for d in db.all()}
+                db.insert_multiple({"name": n} for n in sorted(names - known))
+            for name, versions in by_name.items():
+                table = self._adapter_db(name).table("versions")
+                taken = {d.doc_id for d in table.all()}
+                clash = [r["version"] for r in versions if r["version"] in taken]
+                if clash:
+                    raise ConflictError(f"{name} already has version(s) {clash}", hint="versions are immutable")
+                table.insert_multiple(Document(r, doc_id=r["version"]) for r in versions)
+        return len(records)
 
     def _index(self, record: dict) -> None:
         for f in record["files"]:
@@ -498,8 +541,7 @@ class Registry:
         records: list[dict] = []
         for name in self._names():
             try:
-                db = self._adapter_db(name)
-                versions, aliases = self._versions(name), self._aliases(name)
+                versions, aliases = self._entry(name)
             except CorruptRegistryError as e:
                 report.problems.append(e.message)
                 continue
@@ -513,7 +555,6 @@ class Registry:
                 known_refs[f"{name}@{record['version']}"] = record["sha256"]
             numbers = {r["version"] for r in versions}
             report.problems += [f"alias {name}@{a} points at missing version {v}" for a, v in aliases.items() if v not in numbers]
-            del db
         bases = {b["sha256"]: b for b in self._checked_rows(self.catalog / "bases.json", "base_model", report)}
         datasets = {d["sha256"] for d in self._checked_rows(self.catalog / "datasets.json", "dataset", report)}
         for record in records:

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from filelock import FileLock, Timeout
 from tinydb import TinyDB
 from tinydb.storages import Storage
 
@@ -59,8 +58,7 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator:
 
 def write_json(path: Path, doc: object) -> None:
     with atomic_write(path, "w") as f:
-        json.dump(doc, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: Path, default: object = None) -> object:
@@ -92,8 +90,9 @@ class AtomicJSONStorage(Storage):
         return read_json(self.path)
 
     def write(self, data) -> None:
+        # json.dumps, not json.dump: only the one-shot path uses the C encoder.
         with atomic_write(self.path, "w") as f:
-            json.dump(data, f, separators=(",", ":"), sort_keys=True)
+            f.write(json.dumps(data, separators=(",", ":"), sort_keys=True))
 
     def close(self) -> None:
         pass
@@ -103,14 +102,26 @@ def open_db(path: Path) -> TinyDB:
     return TinyDB(path, storage=AtomicJSONStorage)
 
 
+def read_tables(path: Path) -> dict[str, dict[int, dict]]:
+    """Every table of a TinyDB file from one read: table -> {doc_id: document}."""
+    data = AtomicJSONStorage(path).read() or {}
+    return {table: {int(i): doc for i, doc in docs.items()} for table, docs in data.items()}
+
+
 class RegistryLock:
     """One lock per registry for every write transaction; reentrant within a process."""
 
     def __init__(self, path: Path):
-        self._lock = FileLock(str(path), timeout=LOCK_TIMEOUT_S)
+        self.path = path
+        self._lock = None
 
     @contextmanager
     def hold(self) -> Iterator[None]:
+        # Imported here: read-only commands never lock, and filelock costs start-up time.
+        from filelock import FileLock, Timeout
+
+        if self._lock is None:
+            self._lock = FileLock(str(self.path), timeout=LOCK_TIMEOUT_S)
         try:
             with self._lock:
                 yield
