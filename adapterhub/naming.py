@@ -16,6 +16,7 @@ _ALLOWED = re.compile(r"^[a-z0-9._-]*$")
 _SHA_PREFIX = re.compile(r"^[0-9a-f]{%d,64}$" % MIN_SHA_PREFIX)
 _ALIAS = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
 _PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+_TAG_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,16 @@ def _expand_pattern(pattern: str, name: str, tags: dict, base: str | None) -> tu
     if literal.startswith("^") and re.fullmatch(r"\^[a-z0-9._-]+", literal):
         example = suggest_name(literal[1:] + name)
     return expanded, example
+
+
+def check_tags(tags: dict) -> None:
+    """Tag keys are short identifiers; values are any string."""
+    for key, value in tags.items():
+        if not _TAG_KEY.match(key):
+            raise InvalidNameError(f"invalid tag key '{key}': 1–64 letters, digits, '_', '.', '-'",
+                                   hint=f"try '{_slug(key) or 'key'}'")
+        if not isinstance(value, str):
+            raise InvalidNameError(f"tag '{key}' has a {type(value).__name__} value", hint="tag values are strings")
 
 
 def check_alias(alias: str) -> None:

@@ -336,8 +336,7 @@ class Registry:
 
     def import_adapter(self, folder: Path | str, name: str, base: str | Path | None = None, dataset: Path | str | None = None,
                        parent: str | None = None, relation: str = "resumed-from", tags: dict[str, str] | None = None,
-                       description: str | None = None, checkpoint: str | None = None,
-                       allow_different_weights: bool = False) -> tuple[AdapterVersion, bool]:
+                       description: str | None = None, checkpoint: str | None = None) -> tuple[AdapterVersion, bool]:
         """Register an mlx-lm adapter folder as the next version of `name`.
 
         Everything is read and checked before anything is written: a refused import
@@ -347,6 +346,7 @@ class Registry:
             (the version, True if it was created; False if `name` already had these exact weights).
         """
         tags = dict(tags or {})
+        naming.check_tags(tags)
         parsed = mlx_format.read_adapter_folder(Path(folder), checkpoint)
         base_fp, base_record = self.resolve_base(base) if base else (None, None)
         dataset_fp = fingerprint_dataset(Path(dataset), self._hash_cache) if dataset else None
@@ -362,37 +362,47 @@ class Registry:
             raise IncompatibleError(f"parent {parent_version.ref} was trained on a different base model structure",
                                     hint="a parent must share the base model")
 
-        with self._transaction():
-            # Blobs deduplicate, so storing first costs nothing when these weights are already here.
-            with self._progress(f"storing {parsed.weights_path.name}", parsed.weights_path.stat().st_size) as advance:
-                weights_sha, weights_size = self.objects.put_file(parsed.weights_path, advance)
-            existing = [v for v in self._versions(name) if v["sha256"] == weights_sha]
-            if existing:
-                return self._version_obj(existing[0]), False
-            config_sha, config_size = self.objects.put_file(parsed.config_path)
-            base_record = self._register_base(base_fp, None, Path(base)) if base_fp and not base_record else base_record
-            dataset_record = self._register_dataset(dataset_fp, Path(dataset)) if dataset_fp else None
-            versions = self._versions(name)
-            version = max((v["version"] for v in versions), default=0) + 1
+        def make_record(version: int, weights: tuple[str, int], config: tuple[str, int], base_ref: dict | None,
+                        dataset_record: dict | None) -> dict:
             record = {
-                "name": name, "version": version, "sha256": weights_sha, "kind": parsed.kind, "rank": parsed.rank,
+                "name": name, "version": version, "sha256": weights[0], "kind": parsed.kind, "rank": parsed.rank,
                 "scale": parsed.scale, "dropout": parsed.dropout, "targets": list(parsed.targets),
                 "layers": list(parsed.layers), "num_layers": len(parsed.layers), "dtype": parsed.dtype,
-                "num_parameters": parsed.num_parameters,
-                "base": _base_ref(base_record) if base_record else None,
+                "num_parameters": parsed.num_parameters, "base": base_ref,
                 "dataset": ({"name": dataset_record["name"], "sha256": dataset_record["sha256"],
                              "examples": dataset_record["examples"]} if dataset_record else None),
                 "training": {"tool": "mlx_lm", "hyperparameters": parsed.hyperparameters, "losses": None}
                 if parsed.hyperparameters else None,
                 "parents": ([{"ref": parent_version.ref, "sha256": parent_version.sha256, "relation": relation}]
                             if parent_version else []),
-                "files": [{"name": mlx_format.WEIGHTS_FILE, "sha256": weights_sha, "size": weights_size},
-                          {"name": mlx_format.CONFIG_FILE, "sha256": config_sha, "size": config_size}],
+                "files": [{"name": mlx_format.WEIGHTS_FILE, "sha256": weights[0], "size": weights[1]},
+                          {"name": mlx_format.CONFIG_FILE, "sha256": config[0], "size": config[1]}],
                 "tags": tags, "description": description,
                 "source": {"path": str(Path(folder).resolve()), "format": "mlx", "checkpoint": checkpoint},
                 "created_at": now(),
             }
             validate(record, "adapter_version", what=f"record for {name}@{version}")
+            return record
+
+        # A draft with placeholder hashes is validated before anything is written, so a
+        # record that cannot be stored never leaves an orphan blob behind.
+        placeholder = ("0" * 64, 0)
+        draft_base = _base_ref({**base_fp, "name": base_name}) if base_fp else None
+        make_record(1, placeholder, placeholder, draft_base, {**dataset_fp, "name": "draft"} if dataset_fp else None)
+
+        with self._transaction():
+            # Blobs deduplicate, so storing first costs nothing when these weights are already here.
+            with self._progress(f"storing {parsed.weights_path.name}", parsed.weights_path.stat().st_size) as advance:
+                weights = self.objects.put_file(parsed.weights_path, advance)
+            versions = self._versions(name)
+            existing = [v for v in versions if v["sha256"] == weights[0]]
+            if existing:
+                return self._version_obj(existing[0]), False
+            config = self.objects.put_file(parsed.config_path)
+            base_record = self._register_base(base_fp, None, Path(base)) if base_fp and not base_record else base_record
+            dataset_record = self._register_dataset(dataset_fp, Path(dataset)) if dataset_fp else None
+            version = max((v["version"] for v in versions), default=0) + 1
+            record = make_record(version, weights, config, _base_ref(base_record) if base_record else None, dataset_record)
             self._index(record)
             self._adapter_db(name).table("versions").insert(Document(record, doc_id=version))
             return self._version_obj(record), True
@@ -489,6 +499,7 @@ class Registry:
             return self.resolve(version.ref)
 
     def tag(self, ref: str, key: str, value: str) -> AdapterVersion:
+        naming.check_tags({key: value})
         with self._transaction():
             version = self.resolve(ref)
             record = {**version.record, "tags": {**version.record["tags"], key: value}}

@@ -109,6 +109,8 @@ BAD_COMMANDS = [
     ("unknown parent", ["import", "{adapter}", "--name", "fine", "--parent", "ghost@1"], "no adapter 'ghost@1'"),
     ("missing dataset", ["import", "{adapter}", "--name", "fine", "--dataset", "{tmp}/no-data"], "dataset folder"),
     ("incompatible base", ["import", "{adapter}", "--name", "fine", "--base", "{narrow}"], "does not fit base"),
+    ("bad tag key", ["import", "{adapter}", "--name", "fine", "--tag", "bad key=x"], "invalid tag key 'bad key'"),
+    ("bad tag key on tag", ["tag", "existing", "bad key=x"], "invalid tag key 'bad key'"),
     ("show unknown ref", ["show", "ghost"], "no adapter 'ghost'"),
     ("show missing version", ["show", "existing@9"], "has no version 9 (latest is 1)"),
     ("unknown sha prefix", ["show", "0123456789abcdef"], "no adapter '0123456789abcdef'"),
