@@ -283,6 +283,64 @@ def rm(ctx: Context, ref: str, force: bool) -> None:
 
 
 @cli.command()
+@click.argument("refs", nargs=-1, required=True)
+@click.option("--base", "base_", required=True, help="Base model folder or registered base name.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="New folder for the fused model.")
+@click.option("--dequantize", is_flag=True, help="Write a dequantized (float) model from a quantized base.")
+@click.option("--no-restore", is_flag=True, help="Keep no restore data (unfuse is then approximate).")
+@click.option("--allow-different-weights", is_flag=True, help="Accept a base with other weights of the same structure.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@pass_ctx
+def fuse(ctx: Context, refs: tuple[str, ...], base_: str, out: Path, dequantize: bool, no_restore: bool,
+         allow_different_weights: bool, dry_run: bool) -> None:
+    """Bake adapters into a base model (streamed; bit-identical to mlx_lm.fuse)."""
+    from .algebra.fuse import execute_fuse, plan_fuse
+
+    plan = plan_fuse(ctx.registry, list(refs), base_, out, dequantize, not no_restore, allow_different_weights)
+    if dry_run:
+        ctx.emit(plan.to_dict(), plan.describe())
+        return
+    total = sum(f["size"] for f in plan.base["files"])
+    with ctx.progress(f"fusing into {out.name}", total) as advance:
+        record = execute_fuse(plan, ctx.registry, advance)
+    restore = record["restore"]
+    size = sum(f["size"] for f in record["files"])
+    ctx.emit(record, "\n".join([
+        f"fused {', '.join(a['ref'] for a in record['adapters'])} into {plan.base['name']} -> {out}  ({record['seconds']:.2f} s)",
+        f"  sha256  {record['sha256']}",
+        f"  restore {restore['size']:,} bytes ({100 * restore['size'] / size:.2f} % of the model), unfuse is exact"
+        if restore else "  restore none: unfuse will be approximate",
+    ] + [f"  · {n}" for n in plan.notes]))
+
+
+@cli.command()
+@click.argument("fused_dir", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="New folder for the base model.")
+@click.option("--adapter", "adapters", multiple=True, metavar="REF",
+              help="Adapters that were fused (for a model fused elsewhere; subtracts them, approximately).")
+@click.option("--base", "base_", help="Base to measure the result against (default: the one recorded).")
+@pass_ctx
+def unfuse(ctx: Context, fused_dir: Path, out: Path, adapters: tuple[str, ...], base_: str | None) -> None:
+    """The base model back from a fused one: exact with restore data, measured without."""
+    from .algebra.unfuse import unfuse as run_unfuse
+
+    total = sum(p.stat().st_size for p in fused_dir.glob("*.safetensors"))
+    with ctx.progress(f"unfusing into {out.name}", total) as advance:
+        report = run_unfuse(ctx.registry, fused_dir, out, list(adapters) or None, base_, advance)
+    if report.exact:
+        verdict = f"exact: the base is back, bit for bit (matches {report.base})"
+    elif report.exact is None:
+        verdict = "exactness unknown"
+    else:
+        share = f"{100 * report.inexact_fraction:.2f} %" if report.inexact_fraction is not None else "some"
+        verdict = f"approximate: {share} of updated elements differ from {report.base}, largest error {report.max_abs_error:.3g}"
+    ctx.emit(report.to_dict(), "\n".join([f"unfused {fused_dir} -> {out}", f"  {verdict}"] + [f"  · {n}" for n in report.notes]))
+    if report.exact is False and not adapters:
+        raise AdapterHubError(f"the base rebuilt from {fused_dir} does not match base {report.base}",
+                              hint="the fused files or the restore data changed; run 'adapterhub verify'")
+
+
+@cli.command()
 @pass_ctx
 def verify(ctx: Context) -> None:
     """Check the whole registry: records, blobs, references. Exit 1 on any problem."""

@@ -536,6 +536,22 @@ class Registry:
                 self._by_base_db(version.record["base"]["sha256"]).remove(Query().name == version.name)
             return version
 
+    # ---- fused models -------------------------------------------------------
+
+    def register_fused(self, record: dict) -> dict:
+        """Catalogue a fused model folder (written first by the caller: files before the row)."""
+        validate(record, "fused_model", what="fused model record")
+        with self._transaction():
+            db = open_db(self.catalog / "fused.json")
+            db.upsert(record, Query().sha256 == record["sha256"])
+        return record
+
+    def fused_models(self) -> list[dict]:
+        return [dict(d) for d in open_db(self.catalog / "fused.json").all()]
+
+    def fused(self, sha256: str) -> dict | None:
+        return next((f for f in self.fused_models() if f["sha256"] == sha256), None)
+
     # ---- integrity ----------------------------------------------------------
 
     def verify(self) -> VerifyReport:

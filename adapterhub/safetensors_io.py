@@ -166,3 +166,120 @@ def copy_hashed(src: BinaryIO, dst: BinaryIO, progress: Progress | None = None) 
         if progress:
             progress(n)
     return digest.hexdigest(), size
+
+
+# ---- streaming tensors in and out -------------------------------------------
+
+MLX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8",
+              "I32": "int32", "I8": "int8", "U16": "uint16", "I16": "int16", "I64": "int64", "U64": "uint64", "BOOL": "bool_"}
+_BIT_VIEWS = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
+
+
+def header_bytes(header: Header) -> bytes:
+    """The file's header exactly as stored (length prefix, JSON and padding)."""
+    with open(header.path, "rb") as f:
+        return f.read(header.data_start)
+
+
+def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors header for tensors laid out in the given order."""
+    doc: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape in entries:
+        size = prod(shape) * DTYPE_SIZES[dtype]
+        doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def read_bits(header: Header, name: str):
+    """A tensor's raw elements as a numpy array of unsigned ints of the same width (no decoding)."""
+    import numpy as np
+
+    t = header.tensors[name]
+    width = DTYPE_SIZES[t.dtype]
+    return np.fromfile(header.path, dtype=_BIT_VIEWS[width], count=(t.end - t.begin) // width,
+                       offset=header.data_start + t.begin).reshape(t.shape)
+
+
+def read_tensor(header: Header, name: str):
+    """One tensor as an mlx array, read alone: never the whole file."""
+    import mlx.core as mx
+
+    t = header.tensors[name]
+    return mx.array(read_bits(header, name)).view(getattr(mx, MLX_DTYPES[t.dtype]))
+
+
+def tensor_bytes(array) -> bytes:
+    """The little-endian bytes of an mlx array, as safetensors stores them."""
+    import mlx.core as mx
+    import numpy as np
+
+    width = array.dtype.size
+    bits = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}[width]
+    return np.array(array.view(bits) if array.dtype != bits else array).astype(_BIT_VIEWS[width], copy=False).tobytes()
+
+
+def safetensors_dtype(array) -> str:
+    name = str(array.dtype).removeprefix("mlx.core.")
+    return next(k for k, v in MLX_DTYPES.items() if v == name)
+
+
+class StreamingWriter:
+    """Writes a safetensors file front to back: header first, then each tensor in order.
+
+    Bytes go to a temporary file and are hashed as they are written; `close()`
+    renames it into place, so a crash never leaves a truncated file under its name.
+    """
+
+    def __init__(self, path: Path, header: bytes, progress: Progress | None = None):
+        from .store import temp_path_for
+
+        self.path = Path(path)
+        self._tmp = temp_path_for(self.path)
+        self._file = open(self._tmp, "wb")
+        self._digest = hashlib.sha256()
+        self._size = 0
+        self._progress = progress
+        self.write(header)
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._digest.update(data)
+        self._file.write(data)
+        self._size += len(data)
+        if self._progress:
+            self._progress(len(data))
+
+    def copy_range(self, source: BinaryIO, offset: int, length: int) -> None:
+        """Copy bytes from another file without decoding them."""
+        source.seek(offset)
+        buffer = bytearray(min(CHUNK, max(length, 1)))
+        view = memoryview(buffer)
+        while length:
+            n = source.readinto(view[:min(length, len(buffer))])
+            if not n:
+                raise InvalidAdapterError(f"{source.name} ended early", hint="the file is truncated")
+            self.write(view[:n])
+            length -= n
+
+    def close(self) -> tuple[str, int]:
+        import os
+
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        return self._digest.hexdigest(), self._size
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "StreamingWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            self.abort()

@@ -1,0 +1,287 @@
+"""Streaming fuse: bake adapters into a base model, one tensor at a time.
+
+Tensors no adapter touches are copied byte for byte; a targeted tensor is
+computed exactly as mlx-lm computes it. When no dtype or shape changes, each
+output shard reuses its base shard's header verbatim, so only the targeted
+bytes differ from the base file. Restore data (XOR against the naive inverse,
+compressed, plus the original bytes of every file fuse rewrites) goes to the
+registry's object store, so `unfuse` can rebuild the base bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConflictError, IncompatibleError
+from ..fingerprint import canonical_sha256, weight_files
+from ..safetensors_io import (Header, StreamingWriter, build_header, header_bytes, read_header, safetensors_dtype,
+                              tensor_bytes)
+from ..schemas import validate
+from ..store import atomic_write, read_json, write_json
+from .fusion import fuse_module, group_members, module_updates, naive_base, quantization_for
+
+RECORD_FILE = "adapterhub.json"
+INDEX_FILE = "model.safetensors.index.json"
+RESTORE_FORMAT = "adapterhub-restore-1"
+
+
+@dataclass(frozen=True)
+class FusePlan:
+    """Everything fuse will do, decided and checked before anything is written."""
+
+    base: dict  # the registered base record
+    base_path: Path
+    adapters: list  # AdapterVersion, in the order their updates are applied
+    out: Path
+    dequantize: bool
+    keep_restore: bool
+    modules: dict[str, list[str]] = field(default_factory=dict)  # base module -> adapter refs
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"base": self.base["name"], "base_sha256": self.base["sha256"], "base_path": str(self.base_path),
+                "adapters": [v.ref for v in self.adapters], "out": str(self.out), "dequantize": self.dequantize,
+                "restore": self.keep_restore, "modules": len(self.modules), "notes": self.notes}
+
+    def describe(self) -> str:
+        lines = [f"fuse {', '.join(v.ref for v in self.adapters)} into {self.base['name']} ({self.base_path})",
+                 f"  -> {self.out}: {len(self.modules)} modules updated"
+                 + (", dequantized" if self.dequantize else "") + ("" if self.keep_restore else ", no restore data")]
+        return "\n".join(lines + [f"  · {n}" for n in self.notes])
+
+
+def ancestors(registry, version) -> dict[str, str]:
+    """sha256 -> ref of every version `version` descends from, through recorded parents."""
+    found: dict[str, str] = {}
+    todo = list(version.record["parents"])
+    while todo:
+        parent = todo.pop()
+        if parent["sha256"] in found:
+            continue
+        found[parent["sha256"]] = parent["ref"]
+        try:
+            todo += registry.resolve(parent["ref"]).record["parents"]
+        except Exception:  # noqa: BLE001 - a removed ancestor ends the walk, it does not fail it
+            pass
+    return found
+
+
+def refuse_related(registry, versions: list, why: str) -> None:
+    """Refuse a set of adapters where one descends from another: chained adapters contain their parents."""
+    for v in versions:
+        if v.record["kind"] == "loreft":
+            raise IncompatibleError(f"{v.ref} is a LoReFT adapter: it edits hidden states at chosen positions, "
+                                    "which is not a weight update", hint="apply it at run time with 'adapterhub generate'")
+        line = ancestors(registry, v)
+        for other in versions:
+            if other is not v and other.sha256 in line:
+                raise IncompatibleError(
+                    f"{other.ref} is an ancestor of {v.ref}; a chained adapter already contains its parent, so {why} "
+                    "would apply the parent twice", hint=f"use {v.ref} alone")
+
+
+def plan_fuse(registry, refs: list[str], base: str, out: Path, dequantize: bool = False, keep_restore: bool = True,
+              allow_different_weights: bool = False) -> FusePlan:
+    versions = [registry.resolve(r) for r in refs]
+    if len({v.sha256 for v in versions}) != len(versions):
+        raise ConflictError("the same adapter is listed twice", hint="list each adapter once")
+    refuse_related(registry, versions, "fusing both")
+    base_record = registry.add_base(base)[0] if Path(base).expanduser().is_dir() else registry.base(base)
+    base_path = Path(base).expanduser() if Path(base).expanduser().is_dir() else Path(base_record["path"])
+    notes = []
+    for v in versions:
+        report = registry.check(v.ref, str(base_path), allow_different_weights)
+        if not report.compatible:
+            raise IncompatibleError(f"{v.ref} is not compatible with {base_record['name']}: {report.problems[0]}",
+                                    hint=f"run 'adapterhub check {v.ref} --base {base}'")
+        notes += [f"{v.ref}: {n}" for n in report.notes if report.verdict != "exact"]
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConflictError(f"{out} exists and is not empty", hint="give a new folder for --out")
+    quant = base_record["config"]["quantization"]
+    if quant and not dequantize and keep_restore:
+        notes.append("quantized base: the fused model stays quantized; unfuse restores the base exactly from restore data")
+    if quant and not keep_restore:
+        notes.append("quantized base without restore data: unfuse can only re-quantize an approximation")
+    return FusePlan(base_record, base_path, versions, out, dequantize, keep_restore, notes=notes)
+
+
+def _module_outputs(module, tensors, updates, config_quant, dequantize, base_dtypes, keep_restore):
+    q = quantization_for(module, config_quant) if f"{module}.scales" in tensors else None
+    fused, extras = fuse_module(module, tensors, updates, q, dequantize)
+    members = group_members(module, tensors, q is not None)
+    xors = {}
+    if keep_restore:
+        import mlx.core as mx
+
+        naive = naive_base(module, fused, updates, q, dequantize and q is not None, base_dtypes, extras)
+        for name in members:
+            width = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}[tensors[name].dtype.size]
+            xors[name] = mx.bitwise_xor(tensors[name].view(width), naive[name].view(width))
+    return fused, extras, members, xors
+
+
+def execute_fuse(plan: FusePlan, registry, progress=None) -> dict:
+    """Write the fused model into `plan.out` and register it; returns its record."""
+    import mlx.core as mx
+
+    started = time.perf_counter()
+    adapters = [(v.ref, v.record["kind"], v.record["scale"], registry.objects.path(v.sha256)) for v in plan.adapters]
+    files = weight_files(plan.base_path)
+    headers = {p.name: read_header(p) for p in files}
+    base_tensors = {k: v for h in headers.values() for k, v in h.structure().items()}
+    updates = module_updates(adapters, base_tensors)
+    config = read_json(plan.base_path / "config.json")
+    config_quant = config.get("quantization") or config.get("quantization_config")
+    lazy = {}
+    for p in files:
+        lazy.update(mx.load(str(p)))
+    base_dtypes = {k: v.dtype for k, v in lazy.items()}
+    modules = set(updates)
+    if plan.dequantize:
+        modules |= {k[: -len(".scales")] for k in base_tensors if k.endswith(".scales")}
+    member_of = {}
+    for module in modules:
+        for name in group_members(module, base_tensors, f"{module}.scales" in base_tensors):
+            member_of[name] = module
+
+    staging = plan.out.parent / f".{plan.out.name}.fuse-{os.getpid()}.tmp"
+    staging.mkdir(parents=True)
+    restore_parts: dict[str, object] = {}
+    try:
+        out_files, index_map = [], {}
+        computed: dict[str, tuple] = {}
+        for path in files:
+            header = headers[path.name]
+            order = sorted(header.tensors, key=lambda n: header.tensors[n].begin)
+            entries, sources = [], []
+            for name in order:
+                module = member_of.get(name)
+                if module is None:
+                    t = header.tensors[name]
+                    entries.append((name, t.dtype, t.shape))
+                    sources.append((name, None))
+                    continue
+                if module not in computed:
+                    computed[module] = _module_outputs(module, lazy, updates.get(module, []), config_quant,
+                                                       plan.dequantize, base_dtypes, plan.keep_restore)
+                fused = computed[module][0]
+                if name in fused:
+                    entries.append((name, safetensors_dtype(fused[name]), tuple(fused[name].shape)))
+                    sources.append((name, module))
+            same = all(header.tensors.get(n) is not None and (header.tensors[n].dtype, header.tensors[n].shape) == (d, s)
+                       for n, d, s in entries) and len(entries) == len(order)
+            raw_header = header_bytes(header) if same else build_header(entries, header.metadata or None)
+            if plan.keep_restore:
+                restore_parts[f"header/{path.name}"] = header_bytes(header)
+            with open(path, "rb") as src, StreamingWriter(staging / path.name, raw_header, progress) as writer:
+                for name, module in sources:
+                    if module is None:
+                        t = header.tensors[name]
+                        writer.copy_range(src, header.data_start + t.begin, t.end - t.begin)
+                        continue
+                    fused, extras, members, xors = computed[module]
+                    mx.eval(fused[name])
+                    writer.write(tensor_bytes(fused.pop(name)))
+                    if name == f"{module}.weight" and plan.keep_restore:
+                        mx.eval(xors, extras)
+                        for member, bits in xors.items():
+                            restore_parts[f"xor/{member}"] = zlib.compress(tensor_bytes(bits), 1)
+                        for key, value in extras.items():
+                            restore_parts[f"extra/{key}"] = tensor_bytes(value.astype(mx.float32))
+                        xors.clear()
+                    if not fused:
+                        del computed[module]  # written in full: free it, so memory stays near one module
+                sha, size = writer.close()
+            out_files.append({"name": path.name, "sha256": sha, "size": size})
+            index_map.update({name: path.name for name, _, _ in entries})
+        _copy_side_files(plan, staging, config, index_map, restore_parts)
+        restore = _store_restore(registry, staging, restore_parts) if plan.keep_restore else None
+        record = {
+            "sha256": canonical_sha256([[f["name"], f["sha256"]] for f in out_files]),
+            "path": str(plan.out.resolve()),
+            "base": {k: plan.base[k] for k in ("name", "sha256", "structure_sha256", "model_type")},
+            "adapters": [{"ref": v.ref, "sha256": v.sha256} for v in plan.adapters],
+            "files": out_files, "dequantized": plan.dequantize, "restore": restore,
+            "created_at": _now(),
+        }
+        validate(record, "fused_model", what="fused model record")
+        write_json(staging / RECORD_FILE, record)
+        (staging / "README.md").write_text(_card(plan, record))
+        if plan.out.exists():
+            plan.out.rmdir()
+        os.replace(staging, plan.out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    registry.register_fused(record)
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    return record
+
+
+def _now() -> str:
+    from ..registry import now
+
+    return now()
+
+
+def _copy_side_files(plan: FusePlan, staging: Path, config: dict, index_map: dict, restore_parts: dict) -> None:
+    """Tokenizer, generation config and the rest: copied; config and index rewritten when the weights change shape."""
+    for item in sorted(plan.base_path.iterdir()):
+        if item.suffix == ".safetensors" or item.name in (RECORD_FILE,) or item.name.startswith("."):
+            continue
+        if item.name in ("README.md", "config.json", INDEX_FILE):
+            restore_parts[f"file/{item.name}"] = item.read_bytes()
+            if item.name == "README.md":
+                continue
+        if item.is_dir():
+            shutil.copytree(item, staging / item.name)
+        else:
+            shutil.copy2(item, staging / item.name)
+    if plan.dequantize:
+        config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+        write_json(staging / "config.json", config)
+    if (plan.base_path / INDEX_FILE).exists():
+        index = read_json(plan.base_path / INDEX_FILE)
+        if set(index.get("weight_map", {})) != set(index_map):
+            index["weight_map"] = dict(sorted(index_map.items()))
+            write_json(staging / INDEX_FILE, index)
+
+
+def _store_restore(registry, staging: Path, parts: dict[str, bytes]) -> dict:
+    """Restore data as one safetensors file of byte tensors, kept in the object store."""
+    import numpy as np
+    import mlx.core as mx
+
+    path = staging / ".restore.safetensors"
+    arrays = {k: mx.array(np.frombuffer(v, dtype=np.uint8)) for k, v in parts.items() if v}
+    mx.save_safetensors(str(path), arrays, metadata={"format": RESTORE_FORMAT, "compression": "zlib",
+                                                     "empty": json.dumps(sorted(k for k, v in parts.items() if not v))})
+    sha, size = registry.objects.put_file(path)
+    path.unlink()
+    return {"sha256": sha, "size": size}
+
+
+def read_restore(path: Path) -> dict[str, bytes]:
+    """Restore data back as name -> bytes (xor parts still compressed)."""
+    from ..safetensors_io import read_bits
+
+    header = read_header(path)
+    parts = {name: read_bits(header, name).tobytes() for name in header.tensors}
+    parts.update({name: b"" for name in json.loads(header.metadata.get("empty", "[]"))})
+    return parts
+
+
+def _card(plan: FusePlan, record: dict) -> str:
+    base = plan.base.get("hf_repo") or plan.base["name"]
+    adapters = "\n".join(f"- `{a['ref']}` (sha256 `{a['sha256'][:12]}`)" for a in record["adapters"])
+    return (f"---\nbase_model: {base}\nbase_model_relation: merge\nlibrary_name: mlx\ntags:\n- mlx\n- adapterhub\n- merge\n---\n\n"
+            f"# {plan.out.name}\n\n{base} (sha256 `{plan.base['sha256'][:12]}`) with these adapters fused in:\n\n{adapters}\n\n"
+            f"Made by adapterhub; `adapterhub.json` records the base fingerprint, the adapters and the restore data, "
+            f"and `adapterhub unfuse` rebuilds the base{' exactly' if record['restore'] else ''}.\n")
