@@ -105,3 +105,34 @@ def write_model(folder: Path, hidden_size: int = 64, num_layers: int = 4, interm
             index.update({k: fname for k in part})
         write_json(folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": index})
     return folder
+
+
+def write_adapter(model_dir: Path, out: Path, rank: int = 4, scale: float = 10.0, num_layers: int = 2,
+                  kind: str = "lora", keys: list[str] | None = None, seed: int = 0) -> Path:
+    """An mlx-lm adapter folder with random non-zero updates, built with mlx-lm's own LoRA/DoRA layers.
+
+    Untrained LoRA has lora_b = 0 (no update at all), so lora_b and DoRA's m are
+    perturbed: fusing then changes every targeted weight, as a trained adapter would.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, _ = load(str(model_dir))
+    model.freeze()
+    params = {"rank": rank, "scale": scale, "dropout": 0.0, **({"keys": keys} if keys else {})}
+    linear_to_lora_layers(model, num_layers, params, use_dora=(kind == "dora"))
+    mx.random.seed(seed)
+    weights = {}
+    for name, value in tree_flatten(model.trainable_parameters()):
+        if name.endswith("lora_b"):
+            value = 0.01 * mx.random.normal(value.shape).astype(value.dtype)
+        elif name.endswith(".m"):
+            value = value * (1 + 0.05 * mx.random.normal(value.shape)).astype(value.dtype)
+        weights[name] = value
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "adapters.safetensors"), weights)
+    write_json(out / "adapter_config.json", {"fine_tune_type": kind, "num_layers": num_layers, "lora_parameters": params})
+    return out

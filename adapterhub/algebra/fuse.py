@@ -15,9 +15,10 @@ import os
 import shutil
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .. import naming
 from ..errors import ConflictError, IncompatibleError
 from ..fingerprint import canonical_sha256, weight_files
 from ..safetensors_io import (Header, StreamingWriter, build_header, header_bytes, read_header, safetensors_dtype,
@@ -92,8 +93,10 @@ def plan_fuse(registry, refs: list[str], base: str, out: Path, dequantize: bool 
     if len({v.sha256 for v in versions}) != len(versions):
         raise ConflictError("the same adapter is listed twice", hint="list each adapter once")
     refuse_related(registry, versions, "fusing both")
-    base_record = registry.add_base(base)[0] if Path(base).expanduser().is_dir() else registry.base(base)
-    base_path = Path(base).expanduser() if Path(base).expanduser().is_dir() else Path(base_record["path"])
+    # Planning writes nothing: an unregistered base is only fingerprinted here, and registered by execute_fuse.
+    fingerprint, registered = registry.resolve_base(base)
+    base_path = Path(base).expanduser() if Path(base).expanduser().is_dir() else Path(registered["path"])
+    base_record = registered or {**fingerprint, "name": naming.suggest_name(base_path.resolve().name)}
     notes = []
     for v in versions:
         report = registry.check(v.ref, str(base_path), allow_different_weights)
@@ -132,6 +135,8 @@ def execute_fuse(plan: FusePlan, registry, progress=None) -> dict:
     import mlx.core as mx
 
     started = time.perf_counter()
+    base_record = registry.add_base(plan.base_path)[0]
+    plan = replace(plan, base=base_record)
     adapters = [(v.ref, v.record["kind"], v.record["scale"], registry.objects.path(v.sha256)) for v in plan.adapters]
     files = weight_files(plan.base_path)
     headers = {p.name: read_header(p) for p in files}

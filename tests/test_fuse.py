@@ -1,0 +1,155 @@
+"""fuse and unfuse against mlx_lm's own fuse, bit for bit, on real tiny models."""
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+
+from adapterhub.tinymodel import write_adapter, write_model
+from tests.conftest import snapshot, subprocess_env
+
+
+def mlx_lm_fuse(model, adapter, out, dequantize=False):
+    command = [sys.executable, "-m", "mlx_lm", "fuse", "--model", str(model), "--adapter-path", str(adapter),
+               "--save-path", str(out)] + (["--dequantize"] if dequantize else [])
+    done = subprocess.run(command, capture_output=True, text=True, env=subprocess_env())
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def load_all(folder):
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors.update(mx.load(str(f)))
+    return tensors
+
+
+def assert_bit_identical(ours, upstream):
+    mine, theirs = load_all(ours), load_all(upstream)
+    assert set(mine) == set(theirs)
+    for key in theirs:
+        assert mine[key].dtype == theirs[key].dtype and mine[key].shape == theirs[key].shape, key
+        assert mx.array_equal(mine[key], theirs[key]).item(), key
+
+
+def assert_same_files(a, b):
+    for f in sorted(b.glob("*.safetensors")) + [b / "config.json"]:
+        assert (a / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_fuse_is_bit_identical_to_mlx_lm_and_unfuse_is_exact(cli, tmp_path, dtype, kind):
+    model = write_model(tmp_path / "model", dtype=dtype, seed=3)
+    adapter = write_adapter(model, tmp_path / "adapter", kind=kind, seed=4)
+    assert cli("import", adapter, "--name", "tuned", "--base", model)[0] == 0
+    code, out, err = cli("fuse", "tuned", "--base", model, "--out", tmp_path / "fused")
+    assert code == 0, err
+    assert_bit_identical(tmp_path / "fused", mlx_lm_fuse(model, adapter, tmp_path / "upstream"))
+    assert load_all(tmp_path / "fused").keys() == load_all(model).keys()
+    code, out, err = cli("--json", "unfuse", tmp_path / "fused", "--out", tmp_path / "back")
+    assert code == 0, err
+    assert json.loads(out)["exact"] is True
+    assert_same_files(tmp_path / "back", model)
+
+
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_quantized_base(cli, tmp_path, tiny_model_4bit, dequantize):
+    adapter = write_adapter(tiny_model_4bit, tmp_path / "qlora", seed=5)
+    assert cli("import", adapter, "--name", "qlora", "--base", tiny_model_4bit)[0] == 0
+    flags = ["--dequantize"] if dequantize else []
+    code, _, err = cli("fuse", "qlora", "--base", tiny_model_4bit, "--out", tmp_path / "fused", *flags)
+    assert code == 0, err
+    assert_bit_identical(tmp_path / "fused", mlx_lm_fuse(tiny_model_4bit, adapter, tmp_path / "upstream", dequantize))
+    config = json.loads((tmp_path / "fused" / "config.json").read_text())
+    assert ("quantization" in config) is not dequantize
+    code, out, err = cli("--json", "unfuse", tmp_path / "fused", "--out", tmp_path / "back")
+    assert code == 0 and json.loads(out)["exact"] is True, err
+    assert_same_files(tmp_path / "back", tiny_model_4bit)
+
+
+def test_quantized_base_without_restore_data_is_not_claimed_exact(cli, tmp_path, tiny_model_4bit):
+    adapter = write_adapter(tiny_model_4bit, tmp_path / "qlora", seed=5)
+    cli("import", adapter, "--name", "qlora", "--base", tiny_model_4bit)
+    code, out, _ = cli("fuse", "qlora", "--base", tiny_model_4bit, "--out", tmp_path / "fused", "--no-restore")
+    assert code == 0 and "unfuse will be approximate" in out
+    code, out, err = cli("--json", "unfuse", tmp_path / "fused", "--out", tmp_path / "back", "--adapter", "qlora")
+    report = json.loads(out)
+    assert code == 0 and report["exact"] is False and 0 < report["inexact_fraction"] < 1
+
+
+def test_fused_model_generates_like_base_plus_adapter(cli, tmp_path, tiny_model, lora_adapter):
+    from mlx_lm import generate, load
+
+    cli("import", lora_adapter, "--name", "stories", "--base", tiny_model)
+    assert cli("fuse", "stories", "--base", tiny_model, "--out", tmp_path / "fused")[0] == 0
+    prompt = "the cat sees"
+    model, tokenizer = load(str(tiny_model), adapter_path=str(lora_adapter))
+    expected = generate(model, tokenizer, prompt=prompt, max_tokens=12)
+    fused, fused_tokenizer = load(str(tmp_path / "fused"))
+    assert generate(fused, fused_tokenizer, prompt=prompt, max_tokens=12) == expected
+
+
+def test_several_adapters_add_their_updates(cli, registry, tmp_path, tiny_model):
+    a = write_adapter(tiny_model, tmp_path / "a", seed=1)
+    b = write_adapter(tiny_model, tmp_path / "b", seed=2, keys=["self_attn.q_proj"])
+    cli("import", a, "--name", "first", "--base", tiny_model)
+    cli("import", b, "--name", "second", "--base", tiny_model)
+    assert cli("fuse", "first", "second", "--base", tiny_model, "--out", tmp_path / "fused")[0] == 0
+    base, fused = load_all(tiny_model), load_all(tmp_path / "fused")
+    wa, wb = mx.load(str(a / "adapters.safetensors")), mx.load(str(b / "adapters.safetensors"))
+    key = "model.layers.3.self_attn.q_proj"
+    w = base[key + ".weight"]
+    for weights in (wa, wb):
+        w = w + ((10.0 * weights[key + ".lora_b"].T) @ weights[key + ".lora_a"].T).astype(w.dtype)
+    assert mx.array_equal(fused[key + ".weight"], w).item()
+    code, out, _ = cli("--json", "unfuse", tmp_path / "fused", "--out", tmp_path / "back")
+    assert json.loads(out)["exact"] is True
+    record = json.loads((tmp_path / "fused" / "adapterhub.json").read_text())
+    assert [a["ref"] for a in record["adapters"]] == ["first@1", "second@1"]
+    assert registry.fused(record["sha256"])["base"]["name"] == "tiny-llama"
+
+
+def test_sharded_base_keeps_its_shards_and_index(cli, tmp_path):
+    model = write_model(tmp_path / "sharded", shards=3, seed=9)
+    adapter = write_adapter(model, tmp_path / "adapter", seed=1)
+    cli("import", adapter, "--name", "tuned", "--base", model)
+    assert cli("fuse", "tuned", "--base", model, "--out", tmp_path / "fused")[0] == 0
+    assert sorted(p.name for p in (tmp_path / "fused").glob("*.safetensors")) == sorted(p.name for p in model.glob("*.safetensors"))
+    assert (tmp_path / "fused" / "model.safetensors.index.json").exists()
+    from mlx_lm import load
+
+    load(str(tmp_path / "fused"))
+    code, out, _ = cli("--json", "unfuse", tmp_path / "fused", "--out", tmp_path / "back")
+    assert json.loads(out)["exact"] is True
+    assert_same_files(tmp_path / "back", model)
+
+
+def test_refusals_write_nothing(cli, registry, tmp_path, tiny_model, lora_adapter, lora_adapter_b):
+    registry.import_adapter(lora_adapter, "parent-run", base=tiny_model)
+    registry.import_adapter(lora_adapter_b, "child-run", base=tiny_model, parent="parent-run@1")
+    registry.register_records([dict(registry.resolve("parent-run").record, name="steer-reft", kind="loreft")])
+    narrow = write_model(tmp_path / "narrow", hidden_size=32, intermediate_size=64)
+    out = tmp_path / "out"
+    before = snapshot(registry.root)
+    code, _, err = cli("fuse", "parent-run", "child-run", "--base", tiny_model, "--out", out)
+    assert code == 1 and "parent-run@1 is an ancestor of child-run@1" in err
+    code, _, err = cli("fuse", "parent-run", "--base", narrow, "--out", out)
+    assert code == 1 and "is not compatible with narrow" in err
+    code, _, err = cli("fuse", "steer-reft", "--base", tiny_model, "--out", out)
+    assert code == 1 and "LoReFT adapter: it edits hidden states" in err
+    assert not out.exists()
+    assert snapshot(registry.root) == before
+
+
+def test_unfuse_refuses_damaged_restore_data(cli, registry, tmp_path, tiny_model, lora_adapter):
+    registry.import_adapter(lora_adapter, "stories", base=tiny_model)
+    assert cli("fuse", "stories", "--base", tiny_model, "--out", tmp_path / "fused")[0] == 0
+    weights = tmp_path / "fused" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4] ^= 0x10
+    weights.write_bytes(bytes(data))
+    code, _, err = cli("unfuse", tmp_path / "fused", "--out", tmp_path / "back")
+    assert code == 1 and "does not match base tiny-llama" in err
