@@ -340,6 +340,61 @@ def unfuse(ctx: Context, fused_dir: Path, out: Path, adapters: tuple[str, ...], 
                               hint="the fused files or the restore data changed; run 'adapterhub verify'")
 
 
+def _floats(text: str | None) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"'{text}' is not a comma-separated list of numbers", param_hint="--weights") from None
+
+
+@cli.command()
+@click.argument("refs", nargs=-1, required=True)
+@click.option("--name", required=True, help="Name of the stacked adapter (becomes its next version).")
+@click.option("--weights", help="One weight per adapter, comma-separated (default 1 each).")
+@click.option("--method", type=click.Choice(["cat", "linear", "svd"]), default="cat", show_default=True)
+@click.option("--rank", type=int, help="Rank of the result (needed by --method svd).")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE")
+@click.option("--description")
+@pass_ctx
+def stack(ctx: Context, refs: tuple[str, ...], name: str, weights: str | None, method: str, rank: int | None,
+          tags: tuple[str, ...], description: str | None) -> None:
+    """Combine adapters into one that plain mlx-lm loads."""
+    from .algebra.stack import stack as run_stack
+
+    version, report = run_stack(ctx.registry, list(refs), name, _floats(weights), method, rank, _parse_tags(tags), description)
+    lines = [f"stacked {', '.join(refs)} -> {version.ref}  ({method}, rank {report.rank})"]
+    if method == "cat":
+        lines.append("  exact: the stacked update is the weighted sum of the sources' updates")
+    elif report.per_module:
+        label = "energy kept" if method == "svd" else "relative error"
+        values = list(report.per_module.values())
+        lines.append(f"  {label} per module: min {min(values):.4f}, mean {sum(values) / len(values):.4f}, max {max(values):.4f}")
+    ctx.emit(version.to_dict() | {"report": report.to_dict()}, "\n".join(lines + [f"  · {n}" for n in report.notes]))
+
+
+@cli.command()
+@click.option("--base", "base_", required=True, help="Base model folder or registered base name.")
+@click.option("--fused", "fused_dir", required=True, type=click.Path(path_type=Path), help="The fused model folder.")
+@click.option("--rank", required=True, type=int)
+@click.option("--name", required=True)
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE")
+@pass_ctx
+def extract(ctx: Context, base_: str, fused_dir: Path, rank: int, name: str, tags: tuple[str, ...]) -> None:
+    """Recover a LoRA from a fused model (truncated SVD of fused - base)."""
+    from .algebra.extract import extract as run_extract
+
+    version, report = run_extract(ctx.registry, base_, fused_dir, rank, name, _parse_tags(tags))
+    errors = list(report.relative_error.values())
+    lines = [f"extracted {version.ref} from {fused_dir}  (rank {report.rank}, {len(errors)} modules)",
+             f"  relative error per module: max {max(errors):.2e}, mean {sum(errors) / len(errors):.2e}"]
+    if report.not_representable:
+        lines.append(f"  · {len(report.not_representable)} changed tensors are not linear layers and were left out: "
+                     + ", ".join(report.not_representable[:5]))
+    ctx.emit(version.to_dict() | {"report": report.to_dict()}, "\n".join(lines))
+
+
 @cli.command()
 @pass_ctx
 def verify(ctx: Context) -> None:

@@ -41,6 +41,7 @@ from .schemas import validate
 from .store import ObjectStore, RegistryLock, atomic_write, open_db, read_json, read_tables, write_json
 
 FORMAT = 1
+VERSION_RELATIONS = ("resumed-from", "stacked-from", "promoted-from")
 _CATALOGUE_NAME = re.compile(r"^[a-z][a-z0-9._-]*$")
 # A byte-progress factory: (description, total bytes) -> context manager yielding advance(n).
 ProgressFactory = Callable[[str, int], ContextManager[Callable[[int], None]]]
@@ -336,11 +337,17 @@ class Registry:
 
     def import_adapter(self, folder: Path | str, name: str, base: str | Path | None = None, dataset: Path | str | None = None,
                        parent: str | None = None, relation: str = "resumed-from", tags: dict[str, str] | None = None,
-                       description: str | None = None, checkpoint: str | None = None) -> tuple[AdapterVersion, bool]:
+                       description: str | None = None, checkpoint: str | None = None,
+                       parents: list[dict] | None = None) -> tuple[AdapterVersion, bool]:
         """Register an mlx-lm adapter folder as the next version of `name`.
 
         Everything is read and checked before anything is written: a refused import
         leaves the registry exactly as it was.
+
+        Args:
+            parent, relation: one parent version, the common case.
+            parents: full parent entries ({ref, sha256, relation[, weight]}) instead,
+                for stacked and extracted adapters.
 
         Returns:
             (the version, True if it was created; False if `name` already had these exact weights).
@@ -373,8 +380,9 @@ class Registry:
                              "examples": dataset_record["examples"]} if dataset_record else None),
                 "training": {"tool": "mlx_lm", "hyperparameters": parsed.hyperparameters, "losses": None}
                 if parsed.hyperparameters else None,
-                "parents": ([{"ref": parent_version.ref, "sha256": parent_version.sha256, "relation": relation}]
-                            if parent_version else []),
+                "parents": parents if parents is not None else (
+                    [{"ref": parent_version.ref, "sha256": parent_version.sha256, "relation": relation}]
+                    if parent_version else []),
                 "files": [{"name": mlx_format.WEIGHTS_FILE, "sha256": weights[0], "size": weights[1]},
                           {"name": mlx_format.CONFIG_FILE, "sha256": config[0], "size": config[1]}],
                 "tags": tags, "description": description,
@@ -598,8 +606,22 @@ class Registry:
             if record["dataset"] and record["dataset"]["sha256"] not in datasets:
                 report.problems.append(f"{ref}: dataset {record['dataset']['name']} is not registered")
             for p in record["parents"]:
-                if known_refs.get(p["ref"]) != p["sha256"]:
+                # Other relations name models or remote repos, which the registry does not keep as versions.
+                if p["relation"] in VERSION_RELATIONS and known_refs.get(p["ref"]) != p["sha256"]:
                     report.problems.append(f"{ref}: parent {p['ref']} ({p['sha256'][:12]}) is not in the registry")
+        fused = self._checked_rows(self.catalog / "fused.json", "fused_model", report)
+        for record in fused:
+            where = f"fused model {record.get('path', record['sha256'][:12])}"
+            if record["base"]["sha256"] not in bases:
+                report.problems.append(f"{where}: base {record['base']['name']} is not registered")
+            if record.get("restore"):
+                sha = record["restore"]["sha256"]
+                referenced.add(sha)
+                blob = self.objects.path(sha)
+                if not blob.is_file():
+                    report.problems.append(f"{where}: restore data {sha[:12]} is missing from the object store")
+                elif sha256_file(blob) != sha:
+                    report.problems.append(f"{where}: restore data {sha[:12]} is corrupt")
         stale = 0
         for shard in sorted((self.catalog / "sha").glob("*.json")):
             try:
@@ -616,7 +638,8 @@ class Registry:
             report.notes.append(f"{len(orphans)} unreferenced blob(s) in objects/ left by an interrupted write")
         if leftovers:
             report.notes.append(f"{len(leftovers)} temporary file(s) left by an interrupted write")
-        report.checked = {"versions": len(records), "blobs": len(referenced), "bases": len(bases), "datasets": len(datasets)}
+        report.checked = {"versions": len(records), "blobs": len(referenced), "bases": len(bases), "datasets": len(datasets),
+                          "fused": len(fused)}
         return report
 
     def _checked_rows(self, path: Path, schema: str, report: VerifyReport) -> list[dict]:
