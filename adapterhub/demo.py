@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,13 @@ def train_with_mlx_lm(model: Path, data: Path, adapter_path: Path, iters: int = 
     return adapter_path
 
 
+def _greedy(model: Path, adapter: Path | None = None, prompt: str = "the cat sees") -> str:
+    from mlx_lm import generate, load
+
+    loaded, tokenizer = load(str(model), adapter_path=str(adapter) if adapter else None)
+    return generate(loaded, tokenizer, prompt=prompt, max_tokens=12)
+
+
 def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
     workdir = Path(workdir)
     model, data, adapters = workdir / "tiny-llama", workdir / "stories", workdir / "adapters-stories"
@@ -73,7 +81,7 @@ def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
     _step("4. naming rules refuse a bad name", quiet)
     _cli(registry, "import", str(adapters), "--name", "Tiny Stories!", quiet=quiet, check=False)
 
-    _step("5. show, alias, check against the base, list, export, verify", quiet)
+    _step("5. show, alias, check against the base, list, export", quiet)
     _cli(registry, "show", "tiny-stories-lora", quiet=quiet)
     _cli(registry, "alias", "tiny-stories-lora", "prod", quiet=quiet)
     _cli(registry, "check", "tiny-stories-lora@prod", "--base", str(model), quiet=quiet)
@@ -81,6 +89,23 @@ def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
     export = workdir / "export-prod"
     if not export.exists():
         _cli(registry, "export", "tiny-stories-lora@prod", str(export), quiet=quiet)
+    _step("6. fuse it into the base (streamed), and compare greedy generations", quiet)
+    fused, unfused = workdir / "fused", workdir / "unfused"
+    for folder in (fused, unfused):
+        if folder.exists():
+            shutil.rmtree(folder)
+    _cli(registry, "fuse", "tiny-stories-lora@prod", "--base", "tiny-llama", "--out", str(fused), quiet=quiet)
+    with_adapter, from_fused = _greedy(model, export), _greedy(fused)
+    if not quiet:
+        click.echo(f"base + adapter: {with_adapter!r}\nfused model:    {from_fused!r}\n"
+                   f"{'same tokens' if with_adapter == from_fused else 'DIFFERENT tokens'}")
+    if with_adapter != from_fused:
+        raise SystemExit("demo: the fused model generates differently from base + adapter")
+
+    _step("7. unfuse: the base back, bit for bit, proven against its fingerprint", quiet)
+    _cli(registry, "unfuse", str(fused), "--out", str(unfused), quiet=quiet)
+    _cli(registry, "extract", "--base", "tiny-llama", "--fused", str(fused), "--rank", "8", "--name", "tiny-stories-extracted",
+         quiet=quiet)
     _cli(registry, "verify", quiet=quiet)
     if not quiet:
         click.echo(f"\ndone: registry at {registry}; try 'adapterhub --registry {registry} list'")
