@@ -227,53 +227,108 @@ def safetensors_dtype(array) -> str:
     return next(k for k, v in MLX_DTYPES.items() if v == name)
 
 
+class _Lane:
+    """One background thread draining a bounded queue of chunks (hashlib and file writes release the GIL)."""
+
+    def __init__(self, consume: Callable[[bytes], None], depth: int = 8):
+        import queue
+        import threading
+
+        self._queue: "queue.Queue[bytes | None]" = queue.Queue(depth)
+        self._consume = consume
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._consume(chunk)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the producer by finish()
+                    self._error = e
+
+    def put(self, chunk: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(chunk)
+
+    def finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 class StreamingWriter:
     """Writes a safetensors file front to back: header first, then each tensor in order.
 
-    Bytes go to a temporary file and are hashed as they are written; `close()`
-    renames it into place, so a crash never leaves a truncated file under its name.
+    Bytes go to a temporary file and are hashed as they are written, each on its
+    own thread so hashing, writing and the caller's work overlap; `close()`
+    renames the file into place, so a crash never leaves a truncated file under
+    its name.
     """
+
+    SYNC_EVERY = 256 << 20  # flush as we go, so close() does not wait for the whole file
 
     def __init__(self, path: Path, header: bytes, progress: Progress | None = None):
         from .store import temp_path_for
 
         self.path = Path(path)
         self._tmp = temp_path_for(self.path)
-        self._file = open(self._tmp, "wb")
+        self._file = open(self._tmp, "wb", buffering=0)
         self._digest = hashlib.sha256()
-        self._size = 0
+        self._size = self._unsynced = 0
         self._progress = progress
+        self._hashing = _Lane(self._digest.update)
+        self._writing = _Lane(self._write_chunk)
         self.write(header)
 
+    def _write_chunk(self, chunk: bytes) -> None:
+        import os
+
+        view = memoryview(chunk)
+        while view:
+            view = view[self._file.write(view):]
+        self._unsynced += len(chunk)
+        if self._unsynced >= self.SYNC_EVERY:
+            os.fdatasync(self._file.fileno())
+            self._unsynced = 0
+
     def write(self, data: bytes | memoryview) -> None:
-        self._digest.update(data)
-        self._file.write(data)
-        self._size += len(data)
+        chunk = bytes(data)
+        self._hashing.put(chunk)
+        self._writing.put(chunk)
+        self._size += len(chunk)
         if self._progress:
-            self._progress(len(data))
+            self._progress(len(chunk))
 
     def copy_range(self, source: BinaryIO, offset: int, length: int) -> None:
         """Copy bytes from another file without decoding them."""
         source.seek(offset)
-        buffer = bytearray(min(CHUNK, max(length, 1)))
-        view = memoryview(buffer)
         while length:
-            n = source.readinto(view[:min(length, len(buffer))])
-            if not n:
+            chunk = source.read(min(length, CHUNK))
+            if not chunk:
                 raise InvalidAdapterError(f"{source.name} ended early", hint="the file is truncated")
-            self.write(view[:n])
-            length -= n
+            self.write(chunk)
+            length -= len(chunk)
 
     def close(self) -> tuple[str, int]:
         import os
 
-        self._file.flush()
+        self._hashing.finish()
+        self._writing.finish()
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self._tmp, self.path)
         return self._digest.hexdigest(), self._size
 
     def abort(self) -> None:
+        for lane in (self._hashing, self._writing):
+            try:
+                lane.finish()
+            except BaseException:  # noqa: BLE001 - the original error matters, not this one
+                pass
         self._file.close()
         self._tmp.unlink(missing_ok=True)
 

@@ -113,16 +113,26 @@ def _quantized(weight: mx.array, module: str, q: Quantization) -> dict[str, mx.a
     return out
 
 
+def deltas_for(updates: list[Update], base_dtypes: dict[str, object], module: str, q: Quantization | None) -> list[mx.array]:
+    """Each update's delta in the dtype mlx-lm adds it in: the base weight's, dequantized if need be.
+
+    Computed once and shared by fuse and its inverse: the same expression gives
+    the same bits, and the matmul is the costly part.
+    """
+    dtype = base_dtypes[f"{module}.scales"] if q is not None else base_dtypes[f"{module}.weight"]
+    return [u.delta(dtype) for u in updates]
+
+
 def fuse_module(module: str, tensors: dict[str, mx.array], updates: list[Update], q: Quantization | None,
-                dequantize: bool) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
+                dequantize: bool, deltas: list[mx.array]) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
     """Fused outputs of one module, and the extras its inverse needs (DoRA row norms).
 
     With no updates this only dequantizes (for `--dequantize` on an untouched layer).
     """
     weight = _dequantized(tensors, module, q)
     extras: dict[str, mx.array] = {}
-    for update in updates:
-        weight = weight + update.delta(weight.dtype)
+    for update, delta in zip(updates, deltas):
+        weight = weight + delta
         if update.m is not None:
             norms = mx.linalg.norm(weight, axis=1)
             extras[f"{module}.dora_norms"] = norms
@@ -133,18 +143,18 @@ def fuse_module(module: str, tensors: dict[str, mx.array], updates: list[Update]
 
 
 def naive_base(module: str, fused: dict[str, mx.array], updates: list[Update], q: Quantization | None, dequantized: bool,
-               base_dtypes: dict[str, object], extras: dict[str, mx.array]) -> dict[str, mx.array]:
+               base_dtypes: dict[str, object], extras: dict[str, mx.array], deltas: list[mx.array]) -> dict[str, mx.array]:
     """The base tensors recomputed from fused ones: exact up to rounding, which restore data corrects."""
     weight = fused[f"{module}.weight"] if (q is None or dequantized) else _dequantized(fused, module, q)
     original = base_dtypes[f"{module}.scales"] if q is not None else base_dtypes[f"{module}.weight"]
-    for update in reversed(updates):
+    for update, delta in zip(reversed(updates), reversed(deltas)):
         if update.m is not None:
             norms = extras.get(f"{module}.dora_norms")
             if norms is None:
                 raise IncompatibleError(f"{module} was fused from DoRA adapter {update.ref} without restore data",
                                         hint="DoRA cannot be unfused without the row norms kept in restore data")
             weight = (weight * (norms / update.m)[:, None]).astype(original)
-        weight = weight - update.delta(weight.dtype)
+        weight = weight - delta
     weight = weight.astype(original)
     if q is not None:
         out = _quantized(weight, module, q)

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import AdapterHubError, InvalidAdapterError, NotFoundError
 from ..fingerprint import canonical_sha256, weight_files
 from ..safetensors_io import (Header, StreamingWriter, build_header, read_bits, read_header, safetensors_dtype,
                               tensor_bytes)
 from ..store import read_json
-from .fuse import INDEX_FILE, RECORD_FILE, read_restore
-from .fusion import group_members, module_updates, naive_base, quantization_for
+from .fuse import INDEX_FILE, RECORD_FILE, read_restore, unpack_sparse
+from .fusion import deltas_for, group_members, module_updates, naive_base, quantization_for
 
 
 @dataclass
@@ -123,8 +124,9 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
                     q = quantization_for(module, config_quant) if f"{module}.scales" in base_tensors else None
                     fused = {n: lazy[n] for n in group_members(module, lazy, q is not None and not dequantized)}
                     extras = _extras(restore, module)
-                    computed[module] = naive_base(module, fused, updates.get(module, []), q, dequantized and q is not None,
-                                                  base_dtypes, extras)
+                    module_updates_ = updates.get(module, [])
+                    computed[module] = naive_base(module, fused, module_updates_, q, dequantized and q is not None,
+                                                  base_dtypes, extras, deltas_for(module_updates_, base_dtypes, module, q))
                 pending.append((name, module))
             if raw is None:
                 raw = build_header([(n, safetensors_dtype(computed[m][n]) if m else header.tensors[n].dtype,
@@ -145,7 +147,9 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
                         xor = restore.get(f"xor/{name}")
                         if xor is None:
                             raise InvalidAdapterError(f"restore data has no entry for {name}", hint="the restore data is damaged; run 'adapterhub verify'")
-                        data = _xor(data, zlib.decompress(xor))
+                        width = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}[naive.dtype.size]
+                        mask = unpack_sparse(xor, naive.size, width)
+                        data = (np.frombuffer(data, dtype=width) ^ mask).tobytes()
                     comparison.add(name, data, naive)
                     writer.write(data)
                 sha, size = writer.close()
@@ -175,12 +179,6 @@ def _extras(restore: dict | None, module: str) -> dict:
     if not restore or key not in restore:
         return {}
     return {f"{module}.dora_norms": mx.array(np.frombuffer(restore[key], dtype="<f4"))}
-
-
-def _xor(data: bytes, mask: bytes) -> bytes:
-    import numpy as np
-
-    return (np.frombuffer(data, dtype=np.uint8) ^ np.frombuffer(mask, dtype=np.uint8)).tobytes()
 
 
 def _side_files(fused_dir: Path, staging: Path, restore: dict | None) -> None:
