@@ -25,6 +25,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/fingerprint.py
 	$(BIN)/python bench/registry_scale.py
+	$(BIN)/python bench/fuse.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -167,6 +167,17 @@ class ObjectStore:
             tmp.unlink(missing_ok=True)
             raise
 
+    def adopt(self, path: Path, sha256: str) -> None:
+        """Move a file already hashed while written (in objects/tmp) to its content address."""
+        final = self.path(sha256)
+        if final.is_file():
+            Path(path).unlink()
+            return
+        final.parent.mkdir(exist_ok=True)
+        os.chmod(path, 0o444)
+        os.replace(path, final)
+        _fsync_dir(final.parent)
+
     def remove(self, sha256: str) -> None:
         self.path(sha256).unlink(missing_ok=True)
 

@@ -14,7 +14,8 @@ import json
 import os
 import shutil
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,11 +28,11 @@ from ..safetensors_io import (Header, StreamingWriter, build_header, header_byte
                               tensor_bytes)
 from ..schemas import validate
 from ..store import atomic_write, read_json, write_json
+from . import restore as restore_data
 from .fusion import deltas_for, fuse_module, group_members, module_updates, naive_base, quantization_for
 
 RECORD_FILE = "adapterhub.json"
 INDEX_FILE = "model.safetensors.index.json"
-RESTORE_FORMAT = "adapterhub-restore-1"
 
 
 @dataclass(frozen=True)
@@ -122,15 +123,15 @@ def _module_outputs(module, tensors, updates, config_quant, dequantize, base_dty
     deltas = deltas_for(updates, base_dtypes, module, q)
     fused, extras = fuse_module(module, tensors, updates, q, dequantize, deltas)
     members = group_members(module, tensors, q is not None)
-    xors = {}
-    if keep_restore:
-        import mlx.core as mx
+    naive = naive_base(module, fused, updates, q, dequantize and q is not None, base_dtypes, extras, deltas) if keep_restore else {}
+    return fused, extras, members, naive
 
-        naive = naive_base(module, fused, updates, q, dequantize and q is not None, base_dtypes, extras, deltas)
-        for name in members:
-            width = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}[tensors[name].dtype.size]
-            xors[name] = mx.bitwise_xor(tensors[name].view(width), naive[name].view(width))
-    return fused, extras, members, xors
+
+def _residual(base, naive) -> bytes:
+    """Runs on a worker thread: numpy releases the GIL for the heavy parts."""
+    width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[base.dtype.size]
+    is_float = "float" in str(base.dtype)
+    return restore_data.encode(np.frombuffer(tensor_bytes(base), width), np.frombuffer(tensor_bytes(naive), width), is_float)
 
 
 def execute_fuse(plan: FusePlan, registry, progress=None) -> dict:
@@ -161,9 +162,11 @@ def execute_fuse(plan: FusePlan, registry, progress=None) -> dict:
 
     staging = plan.out.parent / f".{plan.out.name}.fuse-{os.getpid()}.tmp"
     staging.mkdir(parents=True)
-    restore_parts: dict[str, object] = {}
-    # zlib releases the GIL: restore data compresses on other cores while the next tensors stream.
-    compressor = ThreadPoolExecutor(max_workers=2)
+    # Residuals encode on another core while the next tensors stream; MLX's buffer cache is capped
+    # so freed tensors do not pile up: memory stays near one module, whatever the model's size.
+    encoder, pending = ThreadPoolExecutor(max_workers=1), deque()
+    restore = restore_data.RestoreWriter(registry.objects) if plan.keep_restore else None
+    previous_cache_limit = mx.set_cache_limit(256 << 20)
     try:
         out_files, index_map = [], {}
         computed: dict[str, tuple] = {}
@@ -188,39 +191,42 @@ def execute_fuse(plan: FusePlan, registry, progress=None) -> dict:
             same = all(header.tensors.get(n) is not None and (header.tensors[n].dtype, header.tensors[n].shape) == (d, s)
                        for n, d, s in entries) and len(entries) == len(order)
             raw_header = header_bytes(header) if same else build_header(entries, header.metadata or None)
-            if plan.keep_restore:
-                restore_parts[f"header/{path.name}"] = header_bytes(header)
+            if restore:
+                restore.add(f"header/{path.name}", header_bytes(header))
             with open(path, "rb") as src, StreamingWriter(staging / path.name, raw_header, progress) as writer:
                 for name, module in sources:
                     if module is None:
                         t = header.tensors[name]
                         writer.copy_range(src, header.data_start + t.begin, t.end - t.begin)
                         continue
-                    fused, extras, members, xors = computed[module]
+                    fused, extras, members, naive = computed[module]
                     mx.eval(fused[name])
                     writer.write(tensor_bytes(fused.pop(name)))
                     if name == f"{module}.weight" and plan.keep_restore:
-                        mx.eval(xors, extras)
-                        for member, bits in xors.items():
-                            restore_parts[f"xor/{member}"] = compressor.submit(pack_sparse, np.array(bits).reshape(-1))
+                        mx.eval(naive, extras)
+                        for member in members:
+                            pending.append((f"residual/{member}", encoder.submit(_residual, lazy[member], naive[member])))
                         for key, value in extras.items():
-                            restore_parts[f"extra/{key}"] = tensor_bytes(value.astype(mx.float32))
-                        xors.clear()
+                            restore.add(f"extra/{key}", tensor_bytes(value.astype(mx.float32)))
+                        naive.clear()
+                        while len(pending) > 4:  # bounded: encoded parts go to disk, not memory
+                            part, future = pending.popleft()
+                            restore.add(part, future.result())
                     if not fused:
                         del computed[module]  # written in full: free it, so memory stays near one module
                 sha, size = writer.close()
             out_files.append({"name": path.name, "sha256": sha, "size": size})
             index_map.update({name: path.name for name, _, _ in entries})
-        compressor.shutdown()
-        restore_parts = {k: v.result() if isinstance(v, Future) else v for k, v in restore_parts.items()}
-        _copy_side_files(plan, staging, config, index_map, restore_parts)
-        restore = _store_restore(registry, staging, restore_parts) if plan.keep_restore else None
+        for part, future in pending:
+            restore.add(part, future.result())
+        _copy_side_files(plan, staging, config, index_map, restore)
+        restore_record = _restore_record(registry, restore.finish()) if restore else None
         record = {
             "sha256": canonical_sha256([[f["name"], f["sha256"]] for f in out_files]),
             "path": str(plan.out.resolve()),
             "base": {k: plan.base[k] for k in ("name", "sha256", "structure_sha256", "model_type")},
             "adapters": [{"ref": v.ref, "sha256": v.sha256} for v in plan.adapters],
-            "files": out_files, "dequantized": plan.dequantize, "restore": restore,
+            "files": out_files, "dequantized": plan.dequantize, "restore": restore_record,
             "created_at": _now(),
         }
         validate(record, "fused_model", what="fused model record")
@@ -230,9 +236,14 @@ def execute_fuse(plan: FusePlan, registry, progress=None) -> dict:
             plan.out.rmdir()
         os.replace(staging, plan.out)
     except BaseException:
-        compressor.shutdown(cancel_futures=True)
+        encoder.shutdown(cancel_futures=True)
+        if restore:
+            restore.abort()
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        mx.set_cache_limit(previous_cache_limit)
+    encoder.shutdown()
     registry.register_fused(record)
     record["seconds"] = round(time.perf_counter() - started, 3)
     return record
@@ -244,15 +255,15 @@ def _now() -> str:
     return now()
 
 
-def _copy_side_files(plan: FusePlan, staging: Path, config: dict, index_map: dict, restore_parts: dict) -> None:
+def _copy_side_files(plan: FusePlan, staging: Path, config: dict, index_map: dict, restore) -> None:
     """Tokenizer, generation config and the rest: copied; config and index rewritten when the weights change shape."""
     for item in sorted(plan.base_path.iterdir()):
         if item.suffix == ".safetensors" or item.name in (RECORD_FILE,) or item.name.startswith("."):
             continue
-        if item.name in ("README.md", "config.json", INDEX_FILE):
-            restore_parts[f"file/{item.name}"] = item.read_bytes()
-            if item.name == "README.md":
-                continue
+        if item.name in ("README.md", "config.json", INDEX_FILE) and restore:
+            restore.add(f"file/{item.name}", item.read_bytes())
+        if item.name == "README.md":
+            continue
         if item.is_dir():
             shutil.copytree(item, staging / item.name)
         else:
@@ -267,47 +278,9 @@ def _copy_side_files(plan: FusePlan, staging: Path, config: dict, index_map: dic
             write_json(staging / INDEX_FILE, index)
 
 
-def _store_restore(registry, staging: Path, parts: dict[str, bytes]) -> dict:
-    """Restore data as one safetensors file of byte tensors, kept in the object store."""
-    import numpy as np
-    import mlx.core as mx
-
-    path = staging / ".restore.safetensors"
-    arrays = {k: mx.array(np.frombuffer(v, dtype=np.uint8)) for k, v in parts.items() if v}
-    mx.save_safetensors(str(path), arrays, metadata={"format": RESTORE_FORMAT, "xor_encoding": "bitmap+values",
-                                                     "empty": json.dumps(sorted(k for k, v in parts.items() if not v))})
-    sha, size = registry.objects.put_file(path)
-    path.unlink()
-    return {"sha256": sha, "size": size}
-
-
-def pack_sparse(bits: np.ndarray) -> bytes:
-    """A mostly-zero XOR as a bitmap of the non-zero elements followed by their values.
-
-    Rounding flips a minority of elements, and only in low bits; this encodes at
-    several hundred MB/s where zlib manages tens, and keeps restore data a few
-    percent of the model.
-    """
-    nonzero = bits != 0
-    return np.packbits(nonzero).tobytes() + bits[nonzero].tobytes()
-
-
-def unpack_sparse(data: bytes, count: int, dtype) -> np.ndarray:
-    mask_bytes = (count + 7) // 8
-    nonzero = np.unpackbits(np.frombuffer(data[:mask_bytes], dtype=np.uint8), count=count).astype(bool)
-    out = np.zeros(count, dtype=dtype)
-    out[nonzero] = np.frombuffer(data[mask_bytes:], dtype=dtype)
-    return out
-
-
-def read_restore(path: Path) -> dict[str, bytes]:
-    """Restore data back as name -> bytes (xor parts still compressed)."""
-    from ..safetensors_io import read_bits
-
-    header = read_header(path)
-    parts = {name: read_bits(header, name).tobytes() for name in header.tensors}
-    parts.update({name: b"" for name in json.loads(header.metadata.get("empty", "[]"))})
-    return parts
+def _restore_record(registry, stored: dict) -> dict:
+    return {**stored, "registry": str(registry.root.resolve()),
+            "path": str(registry.objects.path(stored["sha256"]).relative_to(registry.root))}
 
 
 def _card(plan: FusePlan, record: dict) -> str:

@@ -20,7 +20,8 @@ from ..fingerprint import canonical_sha256, weight_files
 from ..safetensors_io import (Header, StreamingWriter, build_header, read_bits, read_header, safetensors_dtype,
                               tensor_bytes)
 from ..store import read_json
-from .fuse import INDEX_FILE, RECORD_FILE, read_restore, unpack_sparse
+from . import restore as restore_data
+from .fuse import INDEX_FILE, RECORD_FILE
 from .fusion import deltas_for, group_members, module_updates, naive_base, quantization_for
 
 
@@ -77,7 +78,7 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
         if not blob.is_file():
             raise NotFoundError(f"restore data {record['restore']['sha256'][:12]} is not in this registry",
                                 hint="unfuse with the registry that made this model, or pass --adapter for an approximate unfuse")
-        restore = read_restore(blob)
+        restore = restore_data.read(blob)
     dequantized = bool(record and record.get("dequantized"))
 
     fused_files = weight_files(fused_dir)
@@ -144,12 +145,12 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
                     mx.eval(naive)
                     data = tensor_bytes(naive)
                     if restore:
-                        xor = restore.get(f"xor/{name}")
-                        if xor is None:
-                            raise InvalidAdapterError(f"restore data has no entry for {name}", hint="the restore data is damaged; run 'adapterhub verify'")
-                        width = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}[naive.dtype.size]
-                        mask = unpack_sparse(xor, naive.size, width)
-                        data = (np.frombuffer(data, dtype=width) ^ mask).tobytes()
+                        residual = restore.get(f"residual/{name}")
+                        if residual is None:
+                            raise InvalidAdapterError(f"restore data has no entry for {name}",
+                                                      hint="the restore data is damaged; run 'adapterhub verify'")
+                        width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[naive.dtype.size]
+                        data = restore_data.decode(np.frombuffer(data, width), residual, "float" in str(naive.dtype)).tobytes()
                     comparison.add(name, data, naive)
                     writer.write(data)
                 sha, size = writer.close()
