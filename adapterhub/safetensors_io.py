@@ -228,9 +228,13 @@ def safetensors_dtype(array) -> str:
 
 
 class _Lane:
-    """One background thread draining a bounded queue of chunks (hashlib and file writes release the GIL)."""
+    """One background thread draining a bounded queue of chunks (hashlib and file writes release the GIL).
 
-    def __init__(self, consume: Callable[[bytes], None], depth: int = 8):
+    The queue is deep (32 chunks of 8 MB, shared by both lanes of a writer) so hashing keeps
+    going while the producer computes a tensor, instead of the two taking turns.
+    """
+
+    def __init__(self, consume: Callable[[bytes], None], depth: int = 32):
         import queue
         import threading
 

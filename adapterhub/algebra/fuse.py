@@ -213,7 +213,11 @@ def execute_fuse(plan: FusePlan, registry, progress=None) -> dict:
                             part, future = pending.popleft()
                             restore.add(part, future.result())
                     if not fused:
-                        del computed[module]  # written in full: free it, so memory stays near one module
+                        # Written in full: free it, and its base tensors too (an evaluated lazy array stays
+                        # materialised while referenced), so memory stays near one module.
+                        del computed[module]
+                        for member in members:
+                            lazy.pop(member, None)
                 sha, size = writer.close()
             out_files.append({"name": path.name, "sha256": sha, "size": size})
             index_map.update({name: path.name for name, _, _ in entries})
