@@ -141,7 +141,7 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
                         with open(source.path, "rb") as src:
                             writer.copy_range(src, source.data_start + t.begin, t.end - t.begin)
                         continue
-                    naive = computed[module][name]
+                    naive = computed[module].pop(name)
                     mx.eval(naive)
                     data = tensor_bytes(naive)
                     if restore:
@@ -153,6 +153,10 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
                         data = restore_data.decode(np.frombuffer(data, width), residual, "float" in str(naive.dtype)).tobytes()
                     comparison.add(name, data, naive)
                     writer.write(data)
+                    if not computed[module]:
+                        del computed[module]  # done: drop it and the fused tensors it was read from
+                        for member in group_members(module, lazy, True):
+                            lazy.pop(member, None)
                 sha, size = writer.close()
             out_files.append({"name": fname, "sha256": sha, "size": size})
         _side_files(fused_dir, staging, restore)
