@@ -338,7 +338,7 @@ class Registry:
     def import_adapter(self, folder: Path | str, name: str, base: str | Path | None = None, dataset: Path | str | None = None,
                        parent: str | None = None, relation: str = "resumed-from", tags: dict[str, str] | None = None,
                        description: str | None = None, checkpoint: str | None = None,
-                       parents: list[dict] | None = None) -> tuple[AdapterVersion, bool]:
+                       parents: list[dict] | None = None, training: dict | None = None) -> tuple[AdapterVersion, bool]:
         """Register an mlx-lm adapter folder as the next version of `name`.
 
         Everything is read and checked before anything is written: a refused import
@@ -348,6 +348,8 @@ class Registry:
             parent, relation: one parent version, the common case.
             parents: full parent entries ({ref, sha256, relation[, weight]}) instead,
                 for stacked and extracted adapters.
+            training: what the trainer knows (losses, tokens, versions) instead of what
+                the adapter_config.json says.
 
         Returns:
             (the version, True if it was created; False if `name` already had these exact weights).
@@ -378,8 +380,8 @@ class Registry:
                 "num_parameters": parsed.num_parameters, "base": base_ref,
                 "dataset": ({"name": dataset_record["name"], "sha256": dataset_record["sha256"],
                              "examples": dataset_record["examples"]} if dataset_record else None),
-                "training": {"tool": "mlx_lm", "hyperparameters": parsed.hyperparameters, "losses": None}
-                if parsed.hyperparameters else None,
+                "training": training or ({"tool": "mlx_lm", "hyperparameters": parsed.hyperparameters, "losses": None}
+                                         if parsed.hyperparameters else None),
                 "parents": parents if parents is not None else (
                     [{"ref": parent_version.ref, "sha256": parent_version.sha256, "relation": relation}]
                     if parent_version else []),
@@ -544,6 +546,58 @@ class Registry:
                 self._by_base_db(version.record["base"]["sha256"]).remove(Query().name == version.name)
             return version
 
+    def dataset_name_for(self, fingerprint: dict, path: Path) -> str:
+        """The registered name of a dataset, or the one it would get."""
+        known = next((d for d in self.datasets() if d["sha256"] == fingerprint["sha256"]), None)
+        return known["name"] if known else naming.suggest_name(Path(path).resolve().name)
+
+    # ---- training runs ------------------------------------------------------
+
+    def start_run(self, record: dict) -> dict:
+        validate(record, "training_run", what=f"run {record.get('id')}")
+        with self._transaction():
+            open_db(self.catalog / "runs.json").insert(record)
+        return record
+
+    def update_run(self, run_id: str, **fields) -> dict:
+        with self._transaction():
+            db = open_db(self.catalog / "runs.json")
+            record = {**self.run(run_id), **fields}
+            validate(record, "training_run", what=f"run {run_id}")
+            db.update(fields, Query().id == run_id)
+        return record
+
+    def run(self, run_id: str) -> dict:
+        found = open_db(self.catalog / "runs.json").get(Query().id == run_id)
+        if found is None:
+            raise NotFoundError(f"no training run '{run_id}'", hint="run 'adapterhub runs' to list them")
+        return dict(found)
+
+    def run_status(self, record: dict) -> str:
+        """A run recorded as running whose process is gone is interrupted, whatever the record says."""
+        if record["status"] != "running":
+            return record["status"]
+        import socket
+
+        if record.get("host") == socket.gethostname() and record.get("pid"):
+            try:
+                os.kill(record["pid"], 0)
+            except ProcessLookupError:
+                return "interrupted"
+            except PermissionError:
+                return "running"
+            if _is_zombie(record["pid"]):
+                return "interrupted"
+        return "running"
+
+    def runs(self, status: str | None = None) -> list[dict]:
+        found = []
+        for record in open_db(self.catalog / "runs.json").all():
+            record = {**record, "status": self.run_status(record)}
+            if status is None or record["status"] == status:
+                found.append(record)
+        return sorted(found, key=lambda r: r["started_at"])
+
     # ---- fused models -------------------------------------------------------
 
     def register_fused(self, record: dict) -> dict:
@@ -656,6 +710,14 @@ class Registry:
             except SchemaError as e:
                 report.problems.append(e.message)
         return good
+
+
+def _is_zombie(pid: int) -> bool:
+    """A killed child not yet reaped still answers kill(pid, 0); its state in /proc says it is dead."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return False
 
 
 def _base_ref(record: dict) -> dict:

@@ -1,0 +1,1 @@
+"""The bundled MLX trainer: runs, checkpoints and their retention, exact resume."""

@@ -1,0 +1,77 @@
+"""Training data checked before any model is loaded: a bad line is named by file and line number."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import AdapterHubError
+
+SPLITS = ("train", "valid", "test")
+
+
+class DataError(AdapterHubError, ValueError):
+    """Training data that mlx-lm's datasets would reject, or worse, silently misread."""
+
+
+def _format_of(row: dict) -> str | None:
+    if "prompt" in row and "completion" in row:
+        return "completions"
+    if "messages" in row:
+        return "chat"
+    if "text" in row:
+        return "text"
+    return None
+
+
+def validate(folder: Path, mask_prompt: bool = False) -> dict[str, int]:
+    """Check every line of train/valid/test.jsonl; returns examples per split.
+
+    Raises:
+        DataError: the first problem, with its file and line number.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} does not exist", hint="give a folder with train.jsonl (and valid.jsonl)")
+    if not (folder / "train.jsonl").is_file():
+        raise DataError(f"{folder} has no train.jsonl", hint="mlx-lm reads train.jsonl, valid.jsonl and test.jsonl")
+    counts, first_format = {}, None
+    for split in SPLITS:
+        path = folder / f"{split}.jsonl"
+        if not path.is_file():
+            continue
+        count = 0
+        with open(path, encoding="utf-8", errors="strict") as f:
+            try:
+                lines = list(enumerate(f, 1))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not UTF-8 ({e.reason})", hint="re-save the file as UTF-8") from None
+        for number, line in lines:
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})", hint="fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: a line must be a JSON object, not {type(row).__name__}", hint="fix or remove that line")
+            kind = _format_of(row)
+            if kind is None:
+                raise DataError(f"{where}: has none of 'text', 'prompt'+'completion' or 'messages'",
+                                hint="use one of mlx-lm's data formats (see mlx-lm's LORA.md)")
+            first_format = first_format or kind
+            if kind != first_format:
+                raise DataError(f"{where}: is {kind} data but earlier lines are {first_format}", hint="use one format per dataset")
+            values = [row["text"]] if kind == "text" else [row["prompt"], row["completion"]] if kind == "completions" else []
+            if any(not isinstance(v, str) or not v for v in values):
+                raise DataError(f"{where}: empty or non-string text", hint="fix or remove that line")
+            if kind == "chat" and (not isinstance(row["messages"], list) or not row["messages"]):
+                raise DataError(f"{where}: 'messages' must be a non-empty list", hint="fix or remove that line")
+            count += 1
+        counts[split] = count
+    if not counts.get("train"):
+        raise DataError(f"{folder / 'train.jsonl'} has no examples", hint="add training examples")
+    if mask_prompt and first_format == "text":
+        raise DataError("--mask-prompt needs completions or chat data, not text", hint="drop --mask-prompt")
+    return counts

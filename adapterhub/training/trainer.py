@@ -1,0 +1,319 @@
+"""The training loop: mlx-lm's building blocks, our loop, so checkpoints and exact resume are ours.
+
+Model loading, LoRA/DoRA layers, datasets, batching, the loss and the
+compiled step are mlx-lm's. What we own: batches are drawn from a private
+numpy state (mlx-lm's validation draws from the global one), every step
+re-seeds MLX's random state from (seed, step), and checkpoints carry the
+optimizer state, so a run resumed from step N continues exactly as if it had
+never stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+from ..errors import AdapterHubError, IncompatibleError, NotFoundError
+from ..fingerprint import fingerprint_dataset
+from ..registry import now
+from ..store import read_json, write_json
+from . import checkpoints
+from .config import TrainConfig
+from .data import validate as validate_data
+
+Reporter = Callable[[dict], None]
+
+
+@dataclass
+class _Batches:
+    """mlx-lm's iterate_batches on a private numpy random state, so evaluation cannot shift the order."""
+
+    iterator: object
+    state: tuple | None = None
+
+    def __next__(self):
+        import numpy as np
+
+        outer = np.random.get_state()
+        if self.state is not None:
+            np.random.set_state(self.state)
+        try:
+            return next(self.iterator)
+        finally:
+            self.state = np.random.get_state()
+            np.random.set_state(outer)
+
+
+def new_run_id(name: str) -> str:
+    stem = "".join(c if c.isalnum() else "-" for c in name.lower())[:40].strip("-")
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+
+
+def _versions() -> dict:
+    import mlx.core as mx
+    import mlx_lm
+
+    from .. import __version__
+
+    return {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "adapterhub": __version__}
+
+
+class Trainer:
+    """One training run, new or resumed."""
+
+    def __init__(self, registry, config: TrainConfig, run_id: str | None = None, reporter: Reporter | None = None):
+        self.registry = registry
+        self.config = config
+        self.run_id = run_id or new_run_id(config.name)
+        self.run_dir = registry.root / "runs" / self.run_id
+        self.report = reporter or (lambda event: None)
+
+    # ---- set-up: everything checked before the run is recorded ----------------
+
+    def prepare(self) -> None:
+        config = self.config
+        self.examples = validate_data(Path(config.data), config.mask_prompt)  # before any model loads
+        from .. import naming
+
+        naming.check_name(config.name, self.registry.policy, config.tags)
+        self.base_fp, base_record = self.registry.resolve_base(config.base)
+        self.base_path = Path(config.base).expanduser() if Path(config.base).expanduser().is_dir() else Path(base_record["path"])
+        self.dataset_fp = fingerprint_dataset(Path(config.data))
+        self.parent = self.registry.resolve(config.from_ref) if config.from_ref else None
+        if self.parent:
+            recorded = self.parent.record.get("base")
+            if recorded and recorded["structure_sha256"] != self.base_fp["structure_sha256"]:
+                raise IncompatibleError(f"--from {self.parent.ref} was trained on base {recorded['name']}, "
+                                        f"whose structure differs from {config.base}", hint="train from it on its own base")
+            if self.parent.record["kind"] != config.kind or self.parent.record["rank"] != config.rank:
+                raise IncompatibleError(
+                    f"--from {self.parent.ref} is {self.parent.record['kind']} rank {self.parent.record['rank']}, "
+                    f"this run is {config.kind} rank {config.rank}",
+                    hint=f"pass --kind {self.parent.record['kind']} --rank {self.parent.record['rank']}")
+
+    def build(self):
+        import mlx.core as mx
+        import mlx.optimizers as optim
+        from mlx_lm import load
+        from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
+        from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
+        from types import SimpleNamespace
+
+        config = self.config
+        mx.random.seed(config.seed)
+        model, tokenizer = load(str(self.base_path))
+        if config.num_layers > len(model.layers):
+            raise IncompatibleError(f"--num-layers {config.num_layers} but the base has {len(model.layers)} layers",
+                                    hint=f"pass --num-layers {len(model.layers)} or fewer (-1 for all)")
+        model.freeze()
+        linear_to_lora_layers(model, config.num_layers, {"rank": config.rank, "scale": config.scale, "dropout": config.dropout},
+                              use_dora=config.kind == "dora")
+        if self.parent:
+            self._load_parent(model)
+        train, valid, _ = load_local_dataset(Path(config.data), tokenizer, SimpleNamespace(mask_prompt=config.mask_prompt))
+        if len(train) < config.batch_size:
+            raise AdapterHubError(f"train.jsonl has {len(train)} examples, fewer than --batch-size {config.batch_size}",
+                                  hint="add examples or lower --batch-size")
+        learning_rate = build_schedule(config.lr_schedule) if config.lr_schedule else config.learning_rate
+        optimizer = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}[config.optimizer](learning_rate=learning_rate)
+        return model, tokenizer, CacheDataset(train), CacheDataset(valid) if len(valid) else None, optimizer
+
+    def _load_parent(self, model) -> None:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        weights = mx.load(str(self.registry.objects.path(self.parent.sha256)), format="safetensors")
+        trainable = dict(tree_flatten(model.trainable_parameters()))
+        problems = [f"{k} {list(v.shape)}" for k, v in weights.items() if k not in trainable or trainable[k].shape != v.shape]
+        missing = sorted(set(trainable) - set(weights))
+        if problems or missing:
+            raise IncompatibleError(
+                f"--from {self.parent.ref} does not match this run's layers: "
+                + (f"{len(problems)} of its tensors have no place here (e.g. {problems[0]})" if problems
+                   else f"{len(missing)} of this run's tensors are missing from it (e.g. {missing[0]})"),
+                hint=f"use the parent's targets and layers: --num-layers {self.parent.record['num_layers']} --rank {self.parent.record['rank']}")
+        model.load_weights(list(weights.items()), strict=False)
+
+    # ---- the run --------------------------------------------------------------
+
+    def run(self, resume: bool = False):
+        """Train to the end and register the result; returns the new AdapterVersion."""
+        if not resume:
+            self.prepare()
+        model, tokenizer, train_set, valid_set, optimizer = self.build()
+        record = self._start_record(resume)
+        try:
+            version = self._loop(model, optimizer, train_set, valid_set, record)
+        except KeyboardInterrupt:
+            self.registry.update_run(self.run_id, status="interrupted", pid=None)
+            raise
+        except BaseException:
+            self.registry.update_run(self.run_id, status="failed", pid=None, finished_at=now())
+            raise
+        return version
+
+    def _start_record(self, resume: bool) -> dict:
+        fields = {"status": "running", "pid": os.getpid(), "host": socket.gethostname()}
+        if resume:
+            return self.registry.update_run(self.run_id, **fields)
+        self.run_dir.mkdir(parents=True, exist_ok=False)
+        write_json(self.run_dir / "config.json", self.config.to_dict())
+        return self.registry.start_run({
+            "id": self.run_id, "name": self.config.name, "step": 0, "iters": self.config.iters, "config": self.config.to_dict(),
+            "config_sha256": self.config.sha256(), "dir": str(self.run_dir),
+            "base": {k: self.base_fp.get(k) for k in ("sha256", "structure_sha256", "model_type")} | {"name": self._base_name()},
+            "dataset": {"name": self.registry.dataset_name_for(self.dataset_fp, Path(self.config.data)),
+                        "sha256": self.dataset_fp["sha256"], "examples": self.dataset_fp["examples"]},
+            "parent": self.parent.ref if self.parent else None, "result": None, "losses": {"train": [], "val": []},
+            "trained_tokens": 0, "train_seconds": 0.0, "started_at": now(), "finished_at": None, **fields,
+        })
+
+    def _base_name(self) -> str:
+        from .. import naming
+
+        known = [b for b in self.registry.bases() if b["sha256"] == self.base_fp["sha256"]]
+        return known[0]["name"] if known else naming.suggest_name(self.base_path.resolve().name)
+
+    def _loop(self, model, optimizer, train_set, valid_set, record: dict):
+        import mlx.core as mx
+        import mlx.nn as nn
+        import numpy as np
+        from mlx.utils import tree_flatten, tree_map, tree_unflatten
+        from mlx_lm.tuner.trainer import default_loss, evaluate, iterate_batches
+
+        config = self.config
+        start_step, losses = 0, record.get("losses") or {"train": [], "val": []}
+        trained_tokens, train_seconds = record.get("trained_tokens", 0), record.get("train_seconds", 0.0)
+        latest = checkpoints.listing(self.run_dir)[-1] if record["step"] else None
+        if latest:
+            model.load_weights(list(mx.load(str(latest.path)).items()), strict=False)
+            optimizer.init(model.trainable_parameters())
+            optimizer.state = tree_unflatten(list(mx.load(str(latest.state_path)).items()))
+            start_step = latest.step
+            losses = {k: [p for p in v if p[0] <= start_step] for k, v in losses.items()}
+            self.report({"event": "resumed", "step": start_step})
+        batches = _Batches(iterate_batches(train_set, config.batch_size, config.max_seq_length, loop=True, seed=config.seed))
+        for _ in range(start_step):
+            next(batches)  # the data position is the step: replay the order, skip what was trained
+
+        loss_value_and_grad = nn.value_and_grad(model, default_loss)
+        state = [model.state, optimizer.state, mx.random.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step(batch, previous, do_update):
+            (value, tokens), grad = loss_value_and_grad(model, *batch)
+            if previous is not None:
+                grad = tree_map(lambda x, y: x + y, grad, previous)
+            if do_update:
+                if config.grad_accumulation_steps > 1:
+                    grad = tree_map(lambda x: x / config.grad_accumulation_steps, grad)
+                optimizer.update(model, grad)
+                grad = None
+            return value, tokens, grad
+
+        def validation_loss(at: int) -> float | None:
+            if valid_set is None:
+                return None
+            np.random.seed(config.seed + at)  # evaluation order must not depend on when a run restarted
+            value = evaluate(model=model, dataset=valid_set, loss=default_loss, batch_size=config.batch_size,
+                             num_batches=config.val_batches, max_seq_length=config.max_seq_length)
+            model.train()
+            return float(value)
+
+        model.train()
+        accumulated, window_loss, window_tokens, window_steps, window_time = None, 0.0, 0, 0, 0.0
+        last_val = next((v for s, v in reversed(losses["val"])), None)
+        for it in range(start_step + 1, config.iters + 1):
+            if it == 1 or it % config.steps_per_eval == 0 or it == config.iters:
+                val = validation_loss(it)
+                if val is not None:
+                    losses["val"].append([it, val])
+                    last_val = val
+                    self.report({"event": "val", "step": it, "val_loss": val})
+            tic = time.perf_counter()
+            mx.random.seed(config.seed * 1_000_003 + it)  # dropout masks depend on the step alone
+            value, tokens, accumulated = step(next(batches), accumulated, it % config.grad_accumulation_steps == 0)
+            mx.eval(state, value, tokens, accumulated)
+            elapsed = time.perf_counter() - tic
+            window_loss += value.item()
+            window_tokens += tokens.item()
+            window_steps += 1
+            window_time += elapsed
+            if it % config.steps_per_report == 0 or it == config.iters or it % config.save_every == 0:
+                train_loss = window_loss / window_steps
+                losses["train"].append([it, train_loss])
+                trained_tokens += window_tokens
+                train_seconds += window_time
+                self.report({"event": "train", "step": it, "iters": config.iters, "train_loss": train_loss,
+                             "tokens_per_second": window_tokens / window_time if window_time else 0.0,
+                             "learning_rate": float(optimizer.learning_rate)})
+                window_loss, window_tokens, window_steps, window_time = 0.0, 0, 0, 0.0
+            if it % config.save_every == 0 and it != config.iters:
+                self._checkpoint(it, model, optimizer, losses, last_val)
+                self.registry.update_run(self.run_id, step=it, losses=losses, trained_tokens=trained_tokens,
+                                         train_seconds=round(train_seconds, 3))
+        return self._finish(model, losses, trained_tokens, train_seconds)
+
+    def _checkpoint(self, it: int, model, optimizer, losses: dict, val_loss: float | None) -> None:
+        from mlx.utils import tree_flatten
+
+        metadata = {
+            "train_loss": losses["train"][-1][1], "val_loss": val_loss if val_loss is not None else "",
+            "learning_rate": float(optimizer.learning_rate), "config_sha256": self.config.sha256(),
+            "base_sha256": self.base_fp["sha256"], "dataset_sha256": self.dataset_fp["sha256"],
+            "parent_ref": self.parent.ref if self.parent else "", "run_id": self.run_id,
+        }
+        checkpoints.save(self.run_dir, it, dict(tree_flatten(model.trainable_parameters())),
+                         dict(tree_flatten(optimizer.state)), metadata)
+        removed = checkpoints.prune(self.run_dir, self.config.keep_last, self.config.keep_best, self.config.keep_every)
+        self.report({"event": "checkpoint", "step": it, "removed": removed})
+
+    def _finish(self, model, losses: dict, trained_tokens: int, train_seconds: float):
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        folder = self.run_dir / "adapter"
+        folder.mkdir(exist_ok=True)
+        tmp = folder / ".adapters.tmp.safetensors"
+        mx.save_safetensors(str(tmp), dict(tree_flatten(model.trainable_parameters())))
+        os.replace(tmp, folder / "adapters.safetensors")
+        write_json(folder / "adapter_config.json", self.config.adapter_config())
+        training = {"tool": "adapterhub", "hyperparameters": self.config.adapter_config(), "losses": losses,
+                    "trained_tokens": trained_tokens, "train_seconds": round(train_seconds, 3), "run_id": self.run_id,
+                    "versions": _versions(), "config_sha256": self.config.sha256()}
+        version, _ = self.registry.import_adapter(
+            folder, self.config.name, base=str(self.base_path), dataset=self.config.data,
+            parent=self.parent.ref if self.parent else None, relation="resumed-from", tags=self.config.tags,
+            description=f"trained by adapterhub (run {self.run_id})", training=training)
+        self.registry.update_run(self.run_id, status="finished", step=self.config.iters, result=version.ref, pid=None,
+                                 losses=losses, trained_tokens=trained_tokens, train_seconds=round(train_seconds, 3),
+                                 finished_at=now())
+        self.report({"event": "finished", "ref": version.ref})
+        return version
+
+
+def train(registry, config: TrainConfig, reporter: Reporter | None = None):
+    """Train a new version; returns it."""
+    return Trainer(registry, config, reporter=reporter).run()
+
+
+def resume(registry, run_id: str, reporter: Reporter | None = None):
+    """Continue an interrupted (or failed) run from its newest checkpoint; returns the new version."""
+    record = registry.run(run_id)
+    if record["status"] == "finished":
+        raise AdapterHubError(f"run {run_id} already finished as {record['result']}", hint="nothing to resume")
+    if registry.run_status(record) == "running":
+        raise AdapterHubError(f"run {run_id} is still running (pid {record['pid']} on {record['host']})",
+                              hint="wait for it, or stop it first")
+    config = TrainConfig(**record["config"])
+    trainer = Trainer(registry, config, run_id=run_id, reporter=reporter)
+    trainer.prepare()
+    if not Path(record["dir"]).is_dir():
+        raise NotFoundError(f"run folder {record['dir']} is gone", hint="the run cannot be resumed; train again")
+    return trainer.run(resume=True)
