@@ -1,0 +1,157 @@
+"""The bundled trainer on a real tiny model: learning, chaining, retention, exact resume, refusals."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+import pytest
+
+from adapterhub.registry import Registry
+from adapterhub.safetensors_io import read_header
+from adapterhub.schemas import validate
+from adapterhub.training import checkpoints
+from adapterhub.training.config import TrainConfig
+from tests.conftest import snapshot, subprocess_env
+
+
+def options(model, data, *extra):
+    return ["--base", model, "--data", data, "--num-layers", "2", "--learning-rate", "1e-3", "--val-batches", "2",
+            "--steps-per-eval", "10", "--steps-per-report", "5", *extra]
+
+
+def test_training_lowers_validation_loss_and_registers_the_version(cli, registry, tiny_model, tiny_data):
+    code, out, err = cli("--json", "train", *options(tiny_model, tiny_data, "--name", "learner", "--iters", "30",
+                                                    "--save-every", "10", "--tag", "task=stories"))
+    assert code == 0, err
+    version = json.loads(out)
+    val = version["training"]["losses"]["val"]
+    assert val[0][0] == 1 and val[-1][0] == 30 and val[-1][1] < val[0][1] * 0.8
+    assert version["kind"] == "lora" and version["rank"] == 8 and version["tags"] == {"task": "stories"}
+    assert version["dataset"]["examples"]["train"] == 64 and version["base"]["model_type"] == "llama"
+    assert version["training"]["trained_tokens"] > 0 and set(version["training"]["versions"]) == {"mlx", "mlx_lm", "adapterhub"}
+    run = registry.runs()[0]
+    assert run["status"] == "finished" and run["result"] == "learner@1" and run["step"] == 30
+    from mlx_lm import load
+
+    cli("export", "learner", registry.root.parent / "exported")
+    load(str(tiny_model), adapter_path=str(registry.root.parent / "exported"))  # plain mlx_lm loads it
+
+
+def test_from_continues_from_the_parent_weights(cli, registry, tiny_model, tiny_data):
+    assert cli("train", *options(tiny_model, tiny_data, "--name", "first", "--iters", "10", "--save-every", "10"))[0] == 0
+    # A zero learning rate leaves the weights where they started: exactly the parent's.
+    code, out, err = cli("--json", "train", *options(tiny_model, tiny_data, "--name", "second", "--iters", "2", "--from", "first",
+                                                    "--optimizer", "sgd", "--learning-rate", "0", "--save-every", "10"))
+    assert code == 0, err
+    child, parent = json.loads(out), registry.resolve("first@1")
+    assert child["parents"] == [{"ref": "first@1", "sha256": parent.sha256, "relation": "resumed-from"}]
+    ours = mx.load(str(registry.objects.path(child["sha256"])), format="safetensors")
+    theirs = mx.load(str(registry.objects.path(parent.sha256)), format="safetensors")
+    assert ours.keys() == theirs.keys() and all(mx.array_equal(ours[k], theirs[k]).item() for k in ours)
+
+
+def test_checkpoints_on_disk_follow_the_retention_policy(cli, registry, tiny_model, tiny_data):
+    keep_last, keep_best, keep_every = 2, 1, 20
+    code, _, err = cli("train", *options(tiny_model, tiny_data, "--name", "kept", "--iters", "42", "--save-every", "4",
+                                        "--steps-per-eval", "4", "--keep-last", str(keep_last), "--keep-best", str(keep_best),
+                                        "--keep-every", str(keep_every)))
+    assert code == 0, err
+    run = registry.runs()[0]
+    saved_val = dict(run["losses"]["val"])
+    steps = list(range(4, 42, 4))  # every save, the final step aside
+    best = sorted(steps, key=lambda s: (saved_val[s], s))[:keep_best]
+    expected = set(steps[-keep_last:]) | set(best) | {s for s in steps if s % keep_every == 0}
+    folder = registry.root / "runs" / run["id"]
+    on_disk = {int(p.name.split("-")[1].split(".")[0]) for p in folder.glob("step-*.safetensors")}
+    assert on_disk == expected
+    assert len(list(folder.glob("step-*.state.safetensors"))) == len(expected)
+    code, out, _ = cli("--json", "checkpoints", "list", run["id"])
+    listed = {row["step"]: row["kept_because"] for row in json.loads(out)}
+    assert set(listed) == expected and "best" in listed[best[0]] and "every-20" in listed[20]
+    code, out, _ = cli("--json", "checkpoints", "prune", run["id"], "--keep-last", "1", "--keep-best", "0", "--keep-every", "0")
+    assert code == 0 and {int(p.name[5:12]) for p in folder.glob("step-*[0-9].safetensors")} == {max(expected)}
+
+
+def test_checkpoint_metadata_round_trips(cli, registry, tiny_model, tiny_data):
+    cli("train", *options(tiny_model, tiny_data, "--name", "meta", "--iters", "10", "--save-every", "5"))
+    run = registry.runs()[0]
+    checkpoint = checkpoints.listing(registry.root / "runs" / run["id"])[0]
+    metadata = read_header(checkpoint.path).metadata
+    validate(metadata, "checkpoint")
+    assert int(metadata["step"]) == checkpoint.step == 5
+    assert metadata["config_sha256"] == TrainConfig(**run["config"]).sha256() == run["config_sha256"]
+    assert metadata["base_sha256"] == registry.base("tiny-llama")["sha256"]
+    assert metadata["dataset_sha256"] == registry.resolve("meta").record["dataset"]["sha256"]
+    assert float(metadata["train_loss"]) == dict(run["losses"]["train"])[5]
+    code, out, err = cli("--json", "checkpoints", "promote", run["id"], "5", "--name", "meta-step5")
+    assert code == 0, err
+    promoted = json.loads(out)
+    weights = mx.load(str(registry.objects.path(promoted["sha256"])), format="safetensors")
+    assert all(mx.array_equal(weights[k], v).item() for k, v in mx.load(str(checkpoint.path)).items())
+
+
+def test_sigkill_at_a_random_step_then_resume_is_byte_identical(cli, registry, tiny_model, tiny_data, tmp_path):
+    common = options(tiny_model, tiny_data, "--iters", "36", "--save-every", "3", "--dropout", "0.1", "--seed", "5")
+    assert cli("train", *common, "--name", "straight")[0] == 0
+    kill_after = random.Random().choice(range(6, 34, 3))
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "adapterhub.cli", "--registry", str(registry.root), "train",
+                                 *map(str, common), "--name", "victim"], stdout=out, stderr=out, env=subprocess_env())
+        deadline = time.monotonic() + 120
+        while f"step {kill_after}: checkpoint" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, log.read_text()
+    victim = next(r for r in registry.runs() if r["name"] == "victim")
+    assert victim["status"] == "interrupted" and victim["step"] >= kill_after
+    code, out, _ = cli("--json", "runs", "--status", "interrupted")
+    assert [r["id"] for r in json.loads(out)] == [victim["id"]]
+    code, _, err = cli("train", "--resume", victim["id"])
+    assert code == 0, err
+    straight = next(r for r in registry.runs() if r["name"] == "straight")
+    first = (registry.root / "runs" / straight["id"] / "adapter" / "adapters.safetensors").read_bytes()
+    second = (registry.root / "runs" / victim["id"] / "adapter" / "adapters.safetensors").read_bytes()
+    assert first == second, f"killed after step {kill_after}"
+    assert registry.resolve("victim").sha256 == registry.resolve("straight").sha256
+    assert registry.run(victim["id"])["status"] == "finished"
+
+
+def _bad_data(folder, text):
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"text": "fine"}\n{"text": oops}\n', "train.jsonl:2: not valid JSON"),
+    ('{"text": "fine"}\n[1, 2]\n', "train.jsonl:2: a line must be a JSON object"),
+    ('{"text": "fine"}\n{"body": "x"}\n', "train.jsonl:2: has none of 'text'"),
+    ('{"text": "fine"}\n{"prompt": "a", "completion": "b"}\n', "train.jsonl:2: is completions data but earlier lines are text"),
+    ('{"text": ""}\n', "train.jsonl:1: empty or non-string text"),
+    ('', "has no examples"),
+])
+def test_bad_data_is_refused_before_loading_and_registers_nothing(cli, registry, tiny_model, tmp_path, text, message):
+    data = _bad_data(tmp_path / "bad", text)
+    before = snapshot(registry.root)
+    code, _, err = cli("train", "--base", tiny_model, "--data", data, "--name", "never", "--iters", "2")
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(registry.root) == before
+
+
+def test_mismatched_from_is_refused_and_registers_nothing(cli, registry, tiny_model, tiny_data, lora_adapter):
+    registry.import_adapter(lora_adapter, "parent", base=tiny_model)  # rank 8 on 2 layers
+    before = snapshot(registry.root)
+    code, _, err = cli("train", *options(tiny_model, tiny_data, "--name", "child", "--iters", "2", "--from", "parent", "--rank", "4"))
+    assert code == 1 and "--from parent@1 is lora rank 8, this run is lora rank 4" in err
+    code, _, err = cli("train", *options(tiny_model, tiny_data, "--name", "child", "--iters", "2", "--from", "parent",
+                                         "--num-layers", "4"))
+    assert code == 1 and "does not match this run's layers" in err
+    code, _, err = cli("train", *options(tiny_model, tiny_data, "--name", "Bad Name", "--iters", "2"))
+    assert code == 1 and "invalid name 'Bad Name'" in err
+    assert {k: v for k, v in snapshot(registry.root).items() if not k.startswith("catalog/runs")} == before
+    assert registry.runs() == []
