@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/fingerprint.py
 	$(BIN)/python bench/registry_scale.py
 	$(BIN)/python bench/fuse.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

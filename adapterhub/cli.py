@@ -410,7 +410,7 @@ def _training_reporter(ctx: Context, iters: int):
                 click.echo(f"step {event['step']}: validation loss {event['val_loss']:.4f}", err=True)
             elif event["event"] == "checkpoint":
                 removed = f" (pruned {', '.join(map(str, event['removed']))})" if event["removed"] else ""
-                click.echo(f"step {event['step']}: checkpoint saved{removed}", err=True)
+                click.echo(f"step {event['step']}: checkpoint saved in {event['seconds']:.3f} s{removed}", err=True)
             elif event["event"] == "resumed":
                 click.echo(f"resumed at step {event['step']}", err=True)
         yield line
@@ -560,6 +560,21 @@ def checkpoints_promote(ctx: Context, run_id: str, step: int, name: str) -> None
             Path(tmp), name, base=config.base, dataset=config.data, checkpoint=str(checkpoint.path), tags=config.tags,
             parent=config.from_ref, description=f"step {step} of run {run_id}")
     ctx.emit(version.to_dict(), f"promoted step {step} of {run_id} -> {version.ref}")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--base", "base_", help="Base model folder or registered base name (default: the adapter's own base).")
+@click.option("--prompt", required=True)
+@click.option("--max-tokens", type=int, default=100, show_default=True)
+@click.option("--allow-different-weights", is_flag=True)
+@pass_ctx
+def generate(ctx: Context, ref: str, base_: str | None, prompt: str, max_tokens: int, allow_different_weights: bool) -> None:
+    """Generate with a registered adapter applied (after the compatibility check)."""
+    from .generation import generate as run_generate
+
+    result = run_generate(ctx.registry, ref, base_, prompt, max_tokens, allow_different_weights)
+    ctx.emit(result, result["text"])
 
 
 @cli.command()

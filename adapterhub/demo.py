@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -89,7 +90,25 @@ def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
     export = workdir / "export-prod"
     if not export.exists():
         _cli(registry, "export", "tiny-stories-lora@prod", str(export), quiet=quiet)
-    _step("6. fuse it into the base (streamed), and compare greedy generations", quiet)
+    _step("6. train with the bundled trainer: v1 on stories, v2 chained on a second dataset", quiet)
+    colours = write_dataset(workdir / "colours", seed=2, style="colours")
+    common = ["--base", "tiny-llama", "--num-layers", "2", "--learning-rate", "1e-3", "--val-batches", "4",
+              "--steps-per-eval", "10", "--steps-per-report", "10", "--save-every", "10", "--keep-last", "2"]
+    _cli(registry, "train", "--data", str(data), "--name", "tiny-trained", "--iters", "30", *common, quiet=quiet)
+    _cli(registry, "train", "--data", str(colours), "--name", "tiny-trained", "--from", "tiny-trained@1", "--iters", "30",
+         *common, quiet=quiet)
+    for ref in ("tiny-trained@1", "tiny-trained@2"):
+        shown = json.loads(_cli(registry, "--json", "show", ref, quiet=True).stdout)
+        val = shown["training"]["losses"]["val"]
+        if not quiet:
+            click.echo(f"{ref}: validation loss {val[0][1]:.3f} at step {val[0][0]} -> {val[-1][1]:.3f} at step {val[-1][0]}"
+                       + (f"  (continued from {shown['parents'][0]['ref']})" if shown["parents"] else ""))
+        if val[-1][1] >= val[0][1]:
+            raise SystemExit(f"demo: {ref} did not learn")
+    _cli(registry, "runs", quiet=quiet)
+    _cli(registry, "generate", "tiny-trained@2", "--prompt", "what colour is the sky ?", "--max-tokens", "6", quiet=quiet)
+
+    _step("7. fuse it into the base (streamed), and compare greedy generations", quiet)
     fused, unfused = workdir / "fused", workdir / "unfused"
     for folder in (fused, unfused):
         if folder.exists():
@@ -102,7 +121,7 @@ def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
     if with_adapter != from_fused:
         raise SystemExit("demo: the fused model generates differently from base + adapter")
 
-    _step("7. unfuse: the base back, bit for bit, proven against its fingerprint", quiet)
+    _step("8. unfuse: the base back, bit for bit, proven against its fingerprint", quiet)
     _cli(registry, "unfuse", str(fused), "--out", str(unfused), quiet=quiet)
     _cli(registry, "extract", "--base", "tiny-llama", "--fused", str(fused), "--rank", "8", "--name", "tiny-stories-extracted",
          quiet=quiet)

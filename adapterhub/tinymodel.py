@@ -66,6 +66,8 @@ def write_tokenizer(folder: Path) -> int:
     write_json(folder / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
         "unk_token": "<unk>", "pad_token": "<pad>", "model_max_length": 512, "clean_up_tokenization_spaces": False,
+        # A minimal template, so completions and chat data (which mlx-lm formats with it) work too.
+        "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}",
     })
     return len(vocab)
 

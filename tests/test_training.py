@@ -155,3 +155,41 @@ def test_mismatched_from_is_refused_and_registers_nothing(cli, registry, tiny_mo
     assert code == 1 and "invalid name 'Bad Name'" in err
     assert {k: v for k, v in snapshot(registry.root).items() if not k.startswith("catalog/runs")} == before
     assert registry.runs() == []
+
+
+def test_yaml_config_as_mlx_lm_reads_it_and_dora(cli, registry, tiny_model, tiny_data, tmp_path):
+    config = tmp_path / "lora_config.yaml"
+    config.write_text(f"model: {tiny_model}\ndata: {tiny_data}\nfine_tune_type: dora\nnum_layers: 2\niters: 4\n"
+                      "batch_size: 2\nlearning_rate: 1e-4\nval_batches: 1\nsave_every: 2\n"
+                      "lora_parameters:\n  rank: 4\n  scale: 10.0\n  dropout: 0.0\n")
+    code, out, err = cli("--json", "train", "--config", config, "--name", "from-yaml", "--iters", "3")
+    assert code == 0, err
+    version = json.loads(out)
+    assert version["kind"] == "dora" and version["rank"] == 4 and version["scale"] == 10.0
+    hyper = version["training"]["hyperparameters"]
+    assert hyper["iters"] == 3 and hyper["batch_size"] == 2  # the command line beats the file
+    assert version["training"]["wall_seconds"] >= version["training"]["train_seconds"] > 0
+
+
+def test_generate_applies_the_registered_adapter(cli, registry, tiny_model, lora_adapter):
+    from mlx_lm import generate, load
+
+    registry.import_adapter(lora_adapter, "stories", base=tiny_model)
+    code, out, err = cli("generate", "stories", "--prompt", "the dog", "--max-tokens", "8")
+    assert code == 0, err
+    model, tokenizer = load(str(tiny_model), adapter_path=str(lora_adapter))
+    assert out.strip() == generate(model, tokenizer, prompt="the dog", max_tokens=8).strip()
+    narrow = __import__("adapterhub.tinymodel", fromlist=["write_model"]).write_model(
+        registry.root.parent / "narrow", hidden_size=32, intermediate_size=64)
+    code, _, err = cli("generate", "stories", "--base", narrow, "--prompt", "the dog")
+    assert code == 1 and "is not compatible with" in err
+
+
+def test_qlora_on_a_quantized_base(cli, registry, tiny_model_4bit, tiny_data):
+    code, out, err = cli("--json", "train", *options(tiny_model_4bit, tiny_data, "--name", "qlora", "--iters", "12",
+                                                    "--save-every", "6"))
+    assert code == 0, err
+    version = json.loads(out)
+    val = version["training"]["losses"]["val"]
+    assert val[-1][1] < val[0][1]
+    assert registry.base(version["base"]["sha256"])["config"]["quantization"]["bits"] == 4

@@ -71,6 +71,13 @@ class TrainConfig:
 
     def check(self) -> None:
         problems = []
+        for f in fields(self):
+            value, default = getattr(self, f.name), f.default
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None \
+                    and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                problems.append(f"{f.name} must be a number, got {value!r}")
+        if problems:
+            raise AdapterHubError("; ".join(problems), hint="fix the training options")
         if self.kind not in ("lora", "dora"):
             problems.append(f"--kind {self.kind} is not trainable here (lora or dora)")
         if self.optimizer not in ("adam", "adamw", "sgd"):
@@ -87,9 +94,10 @@ class TrainConfig:
 def from_yaml(path: Path) -> dict:
     """Options from a YAML file in mlx-lm's layout (lora_parameters nested, fine_tune_type for the kind)."""
     import yaml
+    from mlx_lm.lora import yaml_loader  # mlx-lm's loader: it reads 1e-5 as a float, as YAML 1.1 does not
 
     try:
-        doc = yaml.safe_load(Path(path).read_text()) or {}
+        doc = yaml.load(Path(path).read_text(), yaml_loader) or {}
     except (OSError, yaml.YAMLError) as e:
         raise AdapterHubError(f"cannot read config {path}: {e}", hint="give a YAML file like mlx-lm's lora_config.yaml") from None
     if not isinstance(doc, dict):

@@ -15,6 +15,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -25,7 +26,7 @@ from ..registry import now
 from ..store import read_json, write_json
 from . import checkpoints
 from .config import TrainConfig
-from .data import validate as validate_data
+from .data import DataError, validate as validate_data
 
 Reporter = Callable[[dict], None]
 
@@ -116,7 +117,13 @@ class Trainer:
                               use_dora=config.kind == "dora")
         if self.parent:
             self._load_parent(model)
-        train, valid, _ = load_local_dataset(Path(config.data), tokenizer, SimpleNamespace(mask_prompt=config.mask_prompt))
+        try:
+            train, valid, _ = load_local_dataset(Path(config.data), tokenizer, SimpleNamespace(mask_prompt=config.mask_prompt))
+            if len(train):
+                train[0]  # mlx-lm tokenizes lazily: surface a data/tokenizer mismatch now, not mid-run
+        except ValueError as e:
+            raise DataError(f"{config.data} cannot be tokenized for this base: {e}".split("For information")[0].strip(),
+                            hint="completions and chat data need a tokenizer with a chat template; use text data otherwise") from None
         if len(train) < config.batch_size:
             raise AdapterHubError(f"train.jsonl has {len(train)} examples, fewer than --batch-size {config.batch_size}",
                                   hint="add examples or lower --batch-size")
@@ -263,6 +270,7 @@ class Trainer:
     def _checkpoint(self, it: int, model, optimizer, losses: dict, val_loss: float | None) -> None:
         from mlx.utils import tree_flatten
 
+        started = time.perf_counter()
         metadata = {
             "train_loss": losses["train"][-1][1], "val_loss": val_loss if val_loss is not None else "",
             "learning_rate": float(optimizer.learning_rate), "config_sha256": self.config.sha256(),
@@ -272,7 +280,7 @@ class Trainer:
         checkpoints.save(self.run_dir, it, dict(tree_flatten(model.trainable_parameters())),
                          dict(tree_flatten(optimizer.state)), metadata)
         removed = checkpoints.prune(self.run_dir, self.config.keep_last, self.config.keep_best, self.config.keep_every)
-        self.report({"event": "checkpoint", "step": it, "removed": removed})
+        self.report({"event": "checkpoint", "step": it, "removed": removed, "seconds": time.perf_counter() - started})
 
     def _finish(self, model, losses: dict, trained_tokens: int, train_seconds: float):
         import mlx.core as mx
@@ -284,8 +292,11 @@ class Trainer:
         mx.save_safetensors(str(tmp), dict(tree_flatten(model.trainable_parameters())))
         os.replace(tmp, folder / "adapters.safetensors")
         write_json(folder / "adapter_config.json", self.config.adapter_config())
+        started = datetime.fromisoformat(self.registry.run(self.run_id)["started_at"].replace("Z", "+00:00"))
+        wall = (datetime.now(timezone.utc) - started).total_seconds()
         training = {"tool": "adapterhub", "hyperparameters": self.config.adapter_config(), "losses": losses,
-                    "trained_tokens": trained_tokens, "train_seconds": round(train_seconds, 3), "run_id": self.run_id,
+                    "trained_tokens": trained_tokens, "train_seconds": round(train_seconds, 3),
+                    "wall_seconds": round(wall, 1), "run_id": self.run_id,
                     "versions": _versions(), "config_sha256": self.config.sha256()}
         version, _ = self.registry.import_adapter(
             folder, self.config.name, base=str(self.base_path), dataset=self.config.data,

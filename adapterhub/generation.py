@@ -1,0 +1,31 @@
+"""Generation with a registered adapter: checked against the base first, then mlx-lm does the rest."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from .errors import AdapterHubError, IncompatibleError
+
+
+def generate(registry, ref: str, base: str | None, prompt: str, max_tokens: int = 100,
+             allow_different_weights: bool = False) -> dict:
+    """Load base + adapter with mlx-lm and generate greedily; returns {ref, base, prompt, text}."""
+    version = registry.resolve(ref)
+    if base is None:
+        recorded = version.record.get("base")
+        if not recorded:
+            raise AdapterHubError(f"{version.ref} records no base model", hint="pass --base PATH|NAME")
+        base = registry.base(recorded["sha256"])["path"]
+    report = registry.check(version.ref, base, allow_different_weights)
+    if not report.compatible:
+        raise IncompatibleError(f"{version.ref} is not compatible with {base}: {report.problems[0]}",
+                                hint=f"run 'adapterhub check {version.ref} --base {base}'")
+    base_path = Path(base).expanduser() if Path(base).expanduser().is_dir() else Path(registry.base(base)["path"])
+    from mlx_lm import generate as mlx_generate, load
+
+    with tempfile.TemporaryDirectory(prefix="adapterhub-generate-") as tmp:
+        registry.export(version.ref, Path(tmp) / "adapter")
+        model, tokenizer = load(str(base_path), adapter_path=str(Path(tmp) / "adapter"))
+    text = mlx_generate(model, tokenizer, prompt=prompt, max_tokens=max_tokens)
+    return {"ref": version.ref, "base": str(base_path), "prompt": prompt, "text": text}
