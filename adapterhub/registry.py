@@ -33,12 +33,12 @@ from tinydb.table import Document
 
 from . import compat, naming
 from .errors import (AdapterHubError, ConflictError, CorruptRegistryError, IncompatibleError,
-                     InvalidAdapterError, NotFoundError, SchemaError)
+                     NotFoundError, SchemaError)
 from .fingerprint import HashCache, fingerprint_dataset, fingerprint_model
 from .formats import mlx as mlx_format
 from .safetensors_io import read_header, sha256_file
 from .schemas import validate
-from .store import ObjectStore, RegistryLock, atomic_write, open_db, read_json, read_tables, write_json
+from .store import ObjectStore, RegistryLock, atomic_write, open_db, read_json, read_tables, staged_folder, write_json
 
 FORMAT = 1
 VERSION_RELATIONS = ("resumed-from", "stacked-from", "promoted-from")
@@ -466,20 +466,10 @@ class Registry:
             raise AdapterHubError(f"export format '{format}' is not available yet", hint="use --format mlx")
         version = self.resolve(ref)
         out = Path(out_dir)
-        if out.exists() and any(out.iterdir()):
-            raise ConflictError(f"{out} exists and is not empty", hint="give a new folder for --out")
-        staging = out.parent / f".{out.name}.export{os.getpid()}.tmp"
-        staging.mkdir(parents=True, exist_ok=False)
-        try:
+        with staged_folder(out, "export") as staging:
             for f in version.record["files"]:
                 with open(self.objects.path(f["sha256"]), "rb") as src, atomic_write(staging / f["name"]) as dst:
                     shutil.copyfileobj(src, dst, 8 << 20)
-            if out.exists():
-                out.rmdir()
-            os.replace(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return [out / f["name"] for f in version.record["files"]]
 
     def modules(self, version: AdapterVersion) -> dict[str, tuple[int, int]]:

@@ -56,6 +56,34 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator:
     _fsync_dir(path.parent)
 
 
+def require_new_folder(out: Path) -> None:
+    """Refuse to write into a folder that already has something in it."""
+    from .errors import ConflictError
+
+    if out.exists() and any(out.iterdir()):
+        raise ConflictError(f"{out} exists and is not empty", hint="give a new folder for --out")
+
+
+@contextmanager
+def staged_folder(out: Path, purpose: str) -> Iterator[Path]:
+    """A hidden sibling folder to fill, renamed to `out` when the block succeeds and removed when it fails,
+    so `out` is either complete or absent."""
+    import shutil
+
+    out = Path(out)
+    require_new_folder(out)
+    staging = out.parent / f".{out.name}.{purpose}-{os.getpid()}.tmp"
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def write_json(path: Path, doc: object) -> None:
     with atomic_write(path, "w") as f:
         f.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")

@@ -3,11 +3,10 @@
 import json
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from adapterhub.tinymodel import write_adapter, write_model
+from adapterhub.tinymodel import write_adapter
 from tests.conftest import snapshot
 
 TOKENS = mx.array([[1, 5, 9, 12, 7, 3, 8]])

@@ -10,7 +10,6 @@ import time
 import mlx.core as mx
 import pytest
 
-from adapterhub.registry import Registry
 from adapterhub.safetensors_io import read_header
 from adapterhub.schemas import validate
 from adapterhub.training import checkpoints

@@ -10,8 +10,6 @@ registry's object store, so `unfuse` can rebuild the base bit for bit.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import time
 from collections import deque
@@ -24,10 +22,10 @@ import numpy as np
 from .. import naming
 from ..errors import ConflictError, IncompatibleError
 from ..fingerprint import canonical_sha256, weight_files
-from ..safetensors_io import (Header, StreamingWriter, build_header, header_bytes, read_header, safetensors_dtype,
+from ..safetensors_io import (StreamingWriter, build_header, header_bytes, read_header, safetensors_dtype,
                               tensor_bytes)
 from ..schemas import validate
-from ..store import atomic_write, read_json, write_json
+from ..store import read_json, require_new_folder, staged_folder, write_json
 from . import restore as restore_data
 from .fusion import deltas_for, fuse_module, group_members, module_updates, naive_base, quantization_for
 
@@ -108,8 +106,7 @@ def plan_fuse(registry, refs: list[str], base: str, out: Path, dequantize: bool 
                                     hint=f"run 'adapterhub check {v.ref} --base {base}'")
         notes += [f"{v.ref}: {n}" for n in report.notes if report.verdict != "exact"]
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConflictError(f"{out} exists and is not empty", hint="give a new folder for --out")
+    require_new_folder(out)
     quant = base_record["config"]["quantization"]
     if quant and not dequantize and keep_restore:
         notes.append("quantized base: the fused model stays quantized; unfuse restores the base exactly from restore data")
@@ -160,90 +157,85 @@ def execute_fuse(plan: FusePlan, registry, progress=None) -> dict:
         for name in group_members(module, base_tensors, f"{module}.scales" in base_tensors):
             member_of[name] = module
 
-    staging = plan.out.parent / f".{plan.out.name}.fuse-{os.getpid()}.tmp"
-    staging.mkdir(parents=True)
     # Residuals encode on another core while the next tensors stream; MLX's buffer cache is capped
     # so freed tensors do not pile up: memory stays near one module, whatever the model's size.
     encoder, pending = ThreadPoolExecutor(max_workers=1), deque()
     restore = restore_data.RestoreWriter(registry.objects) if plan.keep_restore else None
     previous_cache_limit = mx.set_cache_limit(256 << 20)
     try:
-        out_files, index_map = [], {}
-        computed: dict[str, tuple] = {}
-        for path in files:
-            header = headers[path.name]
-            order = sorted(header.tensors, key=lambda n: header.tensors[n].begin)
-            entries, sources = [], []
-            for name in order:
-                module = member_of.get(name)
-                if module is None:
-                    t = header.tensors[name]
-                    entries.append((name, t.dtype, t.shape))
-                    sources.append((name, None))
-                    continue
-                if module not in computed:
-                    computed[module] = _module_outputs(module, lazy, updates.get(module, []), config_quant,
-                                                       plan.dequantize, base_dtypes, plan.keep_restore)
-                fused = computed[module][0]
-                if name in fused:
-                    entries.append((name, safetensors_dtype(fused[name]), tuple(fused[name].shape)))
-                    sources.append((name, module))
-            same = all(header.tensors.get(n) is not None and (header.tensors[n].dtype, header.tensors[n].shape) == (d, s)
-                       for n, d, s in entries) and len(entries) == len(order)
-            raw_header = header_bytes(header) if same else build_header(entries, header.metadata or None)
-            if restore:
-                restore.add(f"header/{path.name}", header_bytes(header))
-            with open(path, "rb") as src, StreamingWriter(staging / path.name, raw_header, progress) as writer:
-                for name, module in sources:
+        with staged_folder(plan.out, "fuse") as staging:
+            out_files, index_map = [], {}
+            computed: dict[str, tuple] = {}
+            for path in files:
+                header = headers[path.name]
+                order = sorted(header.tensors, key=lambda n: header.tensors[n].begin)
+                entries, sources = [], []
+                for name in order:
+                    module = member_of.get(name)
                     if module is None:
                         t = header.tensors[name]
-                        writer.copy_range(src, header.data_start + t.begin, t.end - t.begin)
+                        entries.append((name, t.dtype, t.shape))
+                        sources.append((name, None))
                         continue
-                    fused, extras, members, naive = computed[module]
-                    mx.eval(fused[name])
-                    writer.write(tensor_bytes(fused.pop(name)))
-                    if name == f"{module}.weight" and plan.keep_restore:
-                        mx.eval(naive, extras)
-                        for member in members:
-                            pending.append((f"residual/{member}", encoder.submit(_residual, lazy[member], naive[member])))
-                        for key, value in extras.items():
-                            restore.add(f"extra/{key}", tensor_bytes(value.astype(mx.float32)))
-                        naive.clear()
-                        while len(pending) > 4:  # bounded: encoded parts go to disk, not memory
-                            part, future = pending.popleft()
-                            restore.add(part, future.result())
-                    if not fused:
-                        # Written in full: free it, and its base tensors too (an evaluated lazy array stays
-                        # materialised while referenced), so memory stays near one module.
-                        del computed[module]
-                        for member in members:
-                            lazy.pop(member, None)
-                sha, size = writer.close()
-            out_files.append({"name": path.name, "sha256": sha, "size": size})
-            index_map.update({name: path.name for name, _, _ in entries})
-        for part, future in pending:
-            restore.add(part, future.result())
-        _copy_side_files(plan, staging, config, index_map, restore)
-        restore_record = _restore_record(registry, restore.finish()) if restore else None
-        record = {
-            "sha256": canonical_sha256([[f["name"], f["sha256"]] for f in out_files]),
-            "path": str(plan.out.resolve()),
-            "base": {k: plan.base[k] for k in ("name", "sha256", "structure_sha256", "model_type")},
-            "adapters": [{"ref": v.ref, "sha256": v.sha256} for v in plan.adapters],
-            "files": out_files, "dequantized": plan.dequantize, "restore": restore_record,
-            "created_at": _now(),
-        }
-        validate(record, "fused_model", what="fused model record")
-        write_json(staging / RECORD_FILE, record)
-        (staging / "README.md").write_text(_card(plan, record))
-        if plan.out.exists():
-            plan.out.rmdir()
-        os.replace(staging, plan.out)
+                    if module not in computed:
+                        computed[module] = _module_outputs(module, lazy, updates.get(module, []), config_quant,
+                                                           plan.dequantize, base_dtypes, plan.keep_restore)
+                    fused = computed[module][0]
+                    if name in fused:
+                        entries.append((name, safetensors_dtype(fused[name]), tuple(fused[name].shape)))
+                        sources.append((name, module))
+                same = all(header.tensors.get(n) is not None and (header.tensors[n].dtype, header.tensors[n].shape) == (d, s)
+                           for n, d, s in entries) and len(entries) == len(order)
+                raw_header = header_bytes(header) if same else build_header(entries, header.metadata or None)
+                if restore:
+                    restore.add(f"header/{path.name}", header_bytes(header))
+                with open(path, "rb") as src, StreamingWriter(staging / path.name, raw_header, progress) as writer:
+                    for name, module in sources:
+                        if module is None:
+                            t = header.tensors[name]
+                            writer.copy_range(src, header.data_start + t.begin, t.end - t.begin)
+                            continue
+                        fused, extras, members, naive = computed[module]
+                        mx.eval(fused[name])
+                        writer.write(tensor_bytes(fused.pop(name)))
+                        if name == f"{module}.weight" and plan.keep_restore:
+                            mx.eval(naive, extras)
+                            for member in members:
+                                pending.append((f"residual/{member}", encoder.submit(_residual, lazy[member], naive[member])))
+                            for key, value in extras.items():
+                                restore.add(f"extra/{key}", tensor_bytes(value.astype(mx.float32)))
+                            naive.clear()
+                            while len(pending) > 4:  # bounded: encoded parts go to disk, not memory
+                                part, future = pending.popleft()
+                                restore.add(part, future.result())
+                        if not fused:
+                            # Written in full: free it, and its base tensors too (an evaluated lazy array stays
+                            # materialised while referenced), so memory stays near one module.
+                            del computed[module]
+                            for member in members:
+                                lazy.pop(member, None)
+                    sha, size = writer.close()
+                out_files.append({"name": path.name, "sha256": sha, "size": size})
+                index_map.update({name: path.name for name, _, _ in entries})
+            for part, future in pending:
+                restore.add(part, future.result())
+            _copy_side_files(plan, staging, config, index_map, restore)
+            restore_record = _restore_record(registry, restore.finish()) if restore else None
+            record = {
+                "sha256": canonical_sha256([[f["name"], f["sha256"]] for f in out_files]),
+                "path": str(plan.out.resolve()),
+                "base": {k: plan.base[k] for k in ("name", "sha256", "structure_sha256", "model_type")},
+                "adapters": [{"ref": v.ref, "sha256": v.sha256} for v in plan.adapters],
+                "files": out_files, "dequantized": plan.dequantize, "restore": restore_record,
+                "created_at": _now(),
+            }
+            validate(record, "fused_model", what="fused model record")
+            write_json(staging / RECORD_FILE, record)
+            (staging / "README.md").write_text(_card(plan, record))
     except BaseException:
         encoder.shutdown(cancel_futures=True)
         if restore:
             restore.abort()
-        shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
         mx.set_cache_limit(previous_cache_limit)

@@ -14,7 +14,6 @@ they are produced, so memory does not grow with the model.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -8,18 +8,17 @@ and the report says how far from exact that is, instead of claiming exactness.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import AdapterHubError, InvalidAdapterError, NotFoundError
+from ..errors import InvalidAdapterError, NotFoundError
 from ..fingerprint import canonical_sha256, weight_files
 from ..safetensors_io import (Header, StreamingWriter, build_header, read_bits, read_header, safetensors_dtype,
                               tensor_bytes)
-from ..store import read_json
+from ..store import read_json, require_new_folder, staged_folder
 from . import restore as restore_data
 from .fuse import INDEX_FILE, RECORD_FILE
 from .fusion import deltas_for, group_members, module_updates, naive_base, quantization_for
@@ -63,8 +62,7 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
     if record is None and not adapter_refs:
         raise NotFoundError(f"{fused_dir} has no {RECORD_FILE}, so its adapters are unknown",
                             hint="name them with --adapter REF (for a model fused elsewhere)")
-    if out.exists() and any(out.iterdir()):
-        raise AdapterHubError(f"{out} exists and is not empty", hint="give a new folder for --out")
+    require_new_folder(out)
     refs = adapter_refs or [a["ref"] for a in record["adapters"]]
     versions = [registry.resolve(r) for r in refs]
     if record and not adapter_refs:
@@ -107,10 +105,8 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
     member_of = {n: m for m in modules for n in group_members(m, base_tensors, f"{m}.scales" in base_tensors)}
     base_dtypes = {k: getattr(mx, _mlx_dtype(v[0])) for k, v in base_tensors.items()}
 
-    staging = out.parent / f".{out.name}.unfuse-{os.getpid()}.tmp"
-    staging.mkdir(parents=True)
     comparison = _Comparison(registry, record, base)
-    try:
+    with staged_folder(out, "unfuse") as staging:
         out_files, computed = [], {}
         for fname, header in sorted(base_headers.items()):
             order = sorted(header.tensors, key=lambda n: header.tensors[n].begin)
@@ -160,12 +156,6 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
                 sha, size = writer.close()
             out_files.append({"name": fname, "sha256": sha, "size": size})
         _side_files(fused_dir, staging, restore)
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     sha = canonical_sha256([[f["name"], f["sha256"]] for f in out_files])
     return comparison.report(out, sha, bool(restore))
 

@@ -9,15 +9,6 @@ from pathlib import Path
 
 from ..errors import AdapterHubError
 
-# The subset of mlx-lm's CONFIG_DEFAULTS that our trainer honours, with mlx-lm's values.
-MLX_LM_DEFAULTS = {
-    "fine_tune_type": "lora", "optimizer": "adam", "seed": 0, "num_layers": 16, "batch_size": 4, "iters": 1000,
-    "val_batches": 25, "learning_rate": 1e-5, "steps_per_report": 10, "steps_per_eval": 200, "save_every": 100,
-    "max_seq_length": 2048, "grad_accumulation_steps": 1, "lr_schedule": None, "mask_prompt": False,
-    "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0},
-}
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run's result (and so its config hash)."""

@@ -23,7 +23,7 @@ from typing import Callable
 from ..errors import AdapterHubError, IncompatibleError, NotFoundError
 from ..fingerprint import fingerprint_dataset
 from ..registry import now
-from ..store import read_json, write_json
+from ..store import write_json
 from . import checkpoints
 from .config import TrainConfig
 from .data import DataError, validate as validate_data
@@ -191,7 +191,7 @@ class Trainer:
         import mlx.core as mx
         import mlx.nn as nn
         import numpy as np
-        from mlx.utils import tree_flatten, tree_map, tree_unflatten
+        from mlx.utils import tree_map, tree_unflatten
         from mlx_lm.tuner.trainer import default_loss, evaluate, iterate_batches
 
         config = self.config
