@@ -262,15 +262,19 @@ class Trainer:
                              "learning_rate": float(optimizer.learning_rate)})
                 window_loss, window_tokens, window_steps, window_time = 0.0, 0, 0, 0.0
             if it % config.save_every == 0 and it != config.iters:
-                self._checkpoint(it, model, optimizer, losses, last_val)
+                started = time.perf_counter()
+                removed = self._checkpoint(it, model, optimizer, losses, last_val)
+                # The run record is updated before the checkpoint is announced, so whoever reads
+                # the announcement (a person, a script, a test) finds the record already there.
                 self.registry.update_run(self.run_id, step=it, losses=losses, trained_tokens=trained_tokens,
                                          train_seconds=round(train_seconds, 3))
+                self.report({"event": "checkpoint", "step": it, "removed": removed,
+                             "seconds": time.perf_counter() - started})
         return self._finish(model, losses, trained_tokens, train_seconds)
 
-    def _checkpoint(self, it: int, model, optimizer, losses: dict, val_loss: float | None) -> None:
+    def _checkpoint(self, it: int, model, optimizer, losses: dict, val_loss: float | None) -> list:
         from mlx.utils import tree_flatten
 
-        started = time.perf_counter()
         metadata = {
             "train_loss": losses["train"][-1][1], "val_loss": val_loss if val_loss is not None else "",
             "learning_rate": float(optimizer.learning_rate), "config_sha256": self.config.sha256(),
@@ -279,8 +283,7 @@ class Trainer:
         }
         checkpoints.save(self.run_dir, it, dict(tree_flatten(model.trainable_parameters())),
                          dict(tree_flatten(optimizer.state)), metadata)
-        removed = checkpoints.prune(self.run_dir, self.config.keep_last, self.config.keep_best, self.config.keep_every)
-        self.report({"event": "checkpoint", "step": it, "removed": removed, "seconds": time.perf_counter() - started})
+        return checkpoints.prune(self.run_dir, self.config.keep_last, self.config.keep_best, self.config.keep_every)
 
     def _finish(self, model, losses: dict, trained_tokens: int, train_seconds: float):
         import mlx.core as mx
