@@ -578,6 +578,46 @@ def generate(ctx: Context, ref: str, base_: str | None, prompt: str, max_tokens:
 
 
 @cli.command()
+@click.argument("target", required=False, metavar="REF|DIR")
+@click.option("--format", "fmt", type=click.Choice(["tree", "json", "dot", "mermaid"]), default="tree", show_default=True)
+@click.option("--descendants", is_flag=True, help="Walk the other way: everything that came from it.")
+@click.option("--dataset", metavar="DIR|NAME|SHA", help="Start from a dataset (with --descendants: what was trained on it).")
+@pass_ctx
+def lineage(ctx: Context, target: str | None, fmt: str, descendants: bool, dataset: str | None) -> None:
+    """The graph from a version, fused model folder or checkpoint back to its bases and datasets."""
+    from . import lineage as graph
+
+    if bool(target) == bool(dataset):
+        raise click.UsageError("give either REF|DIR or --dataset")
+    if dataset and not descendants:
+        raise click.UsageError("--dataset needs --descendants (a dataset has no ancestors)")
+    found = graph.descendants(ctx.registry, target, dataset) if descendants else graph.ancestors(ctx.registry, target)
+    if ctx.as_json:
+        fmt = "json"
+    click.echo(graph.render(found, fmt))
+
+
+@cli.command()
+@click.argument("target", metavar="REF|DIR")
+@pass_ctx
+def audit(ctx: Context, target: str) -> None:
+    """Re-hash every file along the lineage; exit 1 if anything changed."""
+    from .audit import audit as run_audit
+
+    report = run_audit(ctx.registry, target)
+    counts = ", ".join(f"{n} {status}" for status, n in report.counts().items() if n)
+    lines = [f"{'ok' if report.ok else 'FAILED'}: {report.lineage.nodes[report.lineage.root].title} ({counts})"]
+    for f in report.findings:
+        lines.append(f"  {f.status:<9} {f.node.title}")
+        lines += [f"            {d}" for d in f.details]
+    ctx.emit(report.to_dict(), "\n".join(lines))
+    if not report.ok:
+        changed = [f.node.label for f in report.findings if f.status == "changed"]
+        raise AdapterHubError(f"{len(changed)} node(s) in the lineage changed since they were recorded: {', '.join(changed)}",
+                              hint="restore the changed files from a trusted copy, or re-register what they now are")
+
+
+@cli.command()
 @pass_ctx
 def verify(ctx: Context) -> None:
     """Check the whole registry: records, blobs, references. Exit 1 on any problem."""
