@@ -232,8 +232,10 @@ def show(ctx: Context, ref: str) -> None:
 @click.option("--format", "format_", type=click.Choice(["mlx", "peft"]), default="mlx", show_default=True)
 @pass_ctx
 def export(ctx: Context, ref: str, out: Path, format_: str) -> None:
-    """Write an adapter folder that mlx_lm loads as is."""
-    files = ctx.registry.export(ref, out, format_)
+    """Write an adapter folder that mlx_lm (or PEFT) loads as is, with its model card."""
+    from .export import export as write_export
+
+    files = write_export(ctx.registry, ref, out, format_)
     ctx.emit({"ref": ref, "out": str(out), "files": [str(f) for f in files]}, f"exported {ref} to {out}")
 
 
@@ -575,6 +577,57 @@ def generate(ctx: Context, ref: str, base_: str | None, prompt: str, max_tokens:
 
     result = run_generate(ctx.registry, ref, base_, prompt, max_tokens, allow_different_weights)
     ctx.emit(result, result["text"])
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--revision", help="Branch to push to (created when missing; default main).")
+@click.option("--dry-run", is_flag=True, help="List the files that would be uploaded, and upload nothing.")
+@pass_ctx
+def push(ctx: Context, ref: str, repo_id: str, private: bool, revision: str | None, dry_run: bool) -> None:
+    """Upload a version to the Hugging Face Hub: weights, config, model card and adapterhub.json (HF_TOKEN)."""
+    from .hub import push as hub_push
+
+    result = hub_push(ctx.registry, ref, repo_id, private, revision, dry_run)
+    verb = "would push" if dry_run else "pushed"
+    ctx.emit(result, f"{verb} {result['ref']} to {repo_id}@{result['revision']}: {', '.join(result['files'])}"
+             + (f"\n  {result['url']}" if result["url"] else ""))
+
+
+@cli.command()
+@click.argument("repo_id")
+@click.option("--name", required=True, help="Adapter name; the pull becomes its next version.")
+@click.option("--revision", help="Branch, tag or commit (default main).")
+@click.option("--base", "base_", help="Base model folder, registered name or Hub repo id (default: from the repo's records).")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE")
+@pass_ctx
+def pull(ctx: Context, repo_id: str, name: str, revision: str | None, base_: str | None, tags: tuple[str, ...]) -> None:
+    """Download an adapter from the Hugging Face Hub (or its local cache) and register it."""
+    from .hub import pull as hub_pull
+
+    version, created, commit = hub_pull(ctx.registry, repo_id, name, revision, base_, _parse_tags(tags))
+    ctx.emit({**version.to_dict(), "created": created, "commit": commit},
+             f"{'pulled' if created else 'already registered:'} {version.ref}  {version.sha256[:12]}  from {repo_id}@{commit[:12]}")
+
+
+@cli.command()
+@click.argument("target", metavar="REF|DIR")
+@click.option("--out", type=click.Path(path_type=Path), help="Write the card to this file instead of stdout.")
+@pass_ctx
+def card(ctx: Context, target: str, out: Path | None) -> None:
+    """A Hugging Face model card for a version, or for a fused model folder."""
+    from .card import card as make_card
+    from .store import atomic_write
+
+    text = make_card(ctx.registry, target)
+    if out:
+        with atomic_write(out, "w") as f:
+            f.write(text)
+        ctx.emit({"target": target, "out": str(out)}, f"wrote {out}")
+    else:
+        click.echo(text, nl=False)
 
 
 @cli.command()

@@ -125,6 +125,21 @@ def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
     _cli(registry, "unfuse", str(fused), "--out", str(unfused), quiet=quiet)
     _cli(registry, "extract", "--base", "tiny-llama", "--fused", str(fused), "--rank", "8", "--name", "tiny-stories-extracted",
          quiet=quiet)
+
+    _step("9. lineage and audit: where the fused model came from, every hash re-checked", quiet)
+    _cli(registry, "lineage", str(fused), quiet=quiet)
+    _cli(registry, "lineage", "--dataset", str(data), "--descendants", quiet=quiet)
+    _cli(registry, "audit", str(fused), quiet=quiet)
+
+    _step("10. a model card, PEFT out and back in, and what a Hub push would send", quiet)
+    card = workdir / "card.md"
+    _cli(registry, "card", "tiny-trained@2", "--out", str(card), quiet=quiet)
+    peft = workdir / "export-peft"
+    if peft.exists():
+        shutil.rmtree(peft)
+    _cli(registry, "export", "tiny-trained@2", str(peft), "--format", "peft", quiet=quiet)
+    _cli(registry, "import", str(peft), "--name", "tiny-trained-from-peft", quiet=quiet)
+    _cli(registry, "push", "tiny-trained@2", "you/tiny-trained", "--dry-run", quiet=quiet)
     _cli(registry, "verify", quiet=quiet)
     if not quiet:
         click.echo(f"\ndone: registry at {registry}; try 'adapterhub --registry {registry} list'")

@@ -24,8 +24,10 @@ def generate(registry, ref: str, base: str | None, prompt: str, max_tokens: int 
     base_path = Path(base).expanduser() if Path(base).expanduser().is_dir() else Path(registry.base(base)["path"])
     from mlx_lm import generate as mlx_generate, load
 
+    from .export import copy_stored_files
+
     with tempfile.TemporaryDirectory(prefix="adapterhub-generate-") as tmp:
-        registry.export(version.ref, Path(tmp) / "adapter")
+        copy_stored_files(registry, version, Path(tmp) / "adapter")
         model, tokenizer = load(str(base_path), adapter_path=str(Path(tmp) / "adapter"))
     text = mlx_generate(model, tokenizer, prompt=prompt, max_tokens=max_tokens)
     return {"ref": version.ref, "base": str(base_path), "prompt": prompt, "text": text}

@@ -18,10 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AdapterHubError, NotFoundError
-from .registry import VERSION_RELATIONS, AdapterVersion, Registry
+from .registry import RECORD_FILE, VERSION_RELATIONS, AdapterVersion, Registry
 from .store import read_json
-
-RECORD_FILE = "adapterhub.json"  # what fuse and export write beside the weights
 FORMATS = ("tree", "json", "dot", "mermaid")
 
 
@@ -223,7 +221,10 @@ def dataset_node(walker: Walker, target: str) -> Node:
 
 def ancestors(registry: Registry, target: str) -> Lineage:
     walker = Walker(registry)
-    root = start_node(walker, target)
+    return walk_up(walker, start_node(walker, target))
+
+
+def walk_up(walker: Walker, root: Node) -> Lineage:
     nodes, edges, todo = {root.id: root}, [], [root]
     while todo:
         node = todo.pop(0)
@@ -271,7 +272,8 @@ def to_tree(lineage: Lineage) -> str:
         for i, (relation, node) in enumerate(steps):
             last = i == len(steps) - 1
             repeat = node.id in expanded and lineage.next_of(node.id)
-            lines.append(f"{prefix}{'└── ' if last else '├── '}{relation}: {node.title}" + ("  (shown above)" if repeat else ""))
+            step = f"{relation}: {node.title}" if lineage.direction == "ancestors" else f"{node.title}  ← {relation}"
+            lines.append(f"{prefix}{'└── ' if last else '├── '}{step}" + ("  (shown above)" if repeat else ""))
             if not repeat:
                 expanded.add(node.id)
                 walk(node.id, prefix + ("    " if last else "│   "))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-import shutil
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,11 +35,13 @@ from .errors import (AdapterHubError, ConflictError, CorruptRegistryError, Incom
                      NotFoundError, SchemaError)
 from .fingerprint import HashCache, fingerprint_dataset, fingerprint_model
 from .formats import mlx as mlx_format
+from .formats import peft as peft_format
 from .safetensors_io import read_header, sha256_file
 from .schemas import validate
-from .store import ObjectStore, RegistryLock, atomic_write, open_db, read_json, read_tables, staged_folder, write_json
+from .store import ObjectStore, RegistryLock, open_db, read_json, read_tables, write_json
 
 FORMAT = 1
+RECORD_FILE = "adapterhub.json"  # a record written beside weights (fused models, exports) so they carry their lineage
 VERSION_RELATIONS = ("resumed-from", "stacked-from", "promoted-from")
 _CATALOGUE_NAME = re.compile(r"^[a-z][a-z0-9._-]*$")
 # A byte-progress factory: (description, total bytes) -> context manager yielding advance(n).
@@ -223,9 +224,15 @@ class Registry:
 
     def resolve_base(self, path_or_name: str | Path, reread: bool = False) -> tuple[dict, dict | None]:
         """A base given as a folder path or a registered name -> (fingerprint, registered record or None)."""
+        from . import hub
+
         path = Path(path_or_name).expanduser()
+        repo_id = None
+        if not path.is_dir() and hub.is_repo_id(str(path_or_name)):
+            # A Hub repo id: its snapshot in the local Hugging Face cache, whose blob names are the sha256s.
+            repo_id, path = str(path_or_name), hub.cached_snapshot(str(path_or_name))
         if path.is_dir():
-            fp = self._fingerprint(path, reread)
+            fp = {**self._fingerprint(path, reread), "hf_repo": repo_id}
             known = [b for b in self.bases() if b["sha256"] == fp["sha256"]]
             return fp, known[0] if known else None
         if os.sep in str(path_or_name) or str(path_or_name).startswith("."):
@@ -256,7 +263,7 @@ class Registry:
                 raise ConflictError(f"base name '{name}' is taken by another model", hint="choose another --name")
         else:
             name = _unique(naming.suggest_name(path.resolve().name), taken)
-        record = {**fp, "name": name, "hf_repo": None, "created_at": now()}
+        record = {**fp, "name": name, "hf_repo": fp.get("hf_repo"), "created_at": now()}
         validate(record, "base_model")
         db.insert(record)
         return record
@@ -338,8 +345,9 @@ class Registry:
     def import_adapter(self, folder: Path | str, name: str, base: str | Path | None = None, dataset: Path | str | None = None,
                        parent: str | None = None, relation: str = "resumed-from", tags: dict[str, str] | None = None,
                        description: str | None = None, checkpoint: str | None = None,
-                       parents: list[dict] | None = None, training: dict | None = None) -> tuple[AdapterVersion, bool]:
-        """Register an mlx-lm adapter folder as the next version of `name`.
+                       parents: list[dict] | None = None, training: dict | None = None,
+                       source: dict | None = None) -> tuple[AdapterVersion, bool]:
+        """Register an mlx-lm or PEFT adapter folder as the next version of `name`.
 
         Everything is read and checked before anything is written: a refused import
         leaves the registry exactly as it was.
@@ -350,16 +358,20 @@ class Registry:
                 for stacked and extracted adapters.
             training: what the trainer knows (losses, tokens, versions) instead of what
                 the adapter_config.json says.
+            source: where the weights came from, when not from `folder` itself.
 
         Returns:
             (the version, True if it was created; False if `name` already had these exact weights).
         """
+        if peft_format.is_peft_folder(Path(folder)) and not checkpoint:
+            return self._import_peft(Path(folder), name, base, dataset, parent, relation, tags, description, parents)
         tags = dict(tags or {})
         naming.check_tags(tags)
         parsed = mlx_format.read_adapter_folder(Path(folder), checkpoint)
         base_fp, base_record = self.resolve_base(base) if base else (None, None)
         dataset_fp = fingerprint_dataset(Path(dataset), self._hash_cache) if dataset else None
         parent_version = self.resolve(parent) if parent else None
+        origin = read_json(Path(folder) / RECORD_FILE) if not checkpoint else None
         base_name = base_record["name"] if base_record else (naming.suggest_name(Path(base).resolve().name) if base else None)
         naming.check_name(name, self.policy, tags, base_name)
         if base_fp:
@@ -388,7 +400,7 @@ class Registry:
                 "files": [{"name": mlx_format.WEIGHTS_FILE, "sha256": weights[0], "size": weights[1]},
                           {"name": mlx_format.CONFIG_FILE, "sha256": config[0], "size": config[1]}],
                 "tags": tags, "description": description,
-                "source": {"path": str(Path(folder).resolve()), "format": "mlx", "checkpoint": checkpoint},
+                "source": source or {"path": str(Path(folder).resolve()), "format": "mlx", "checkpoint": checkpoint},
                 "created_at": now(),
             }
             validate(record, "adapter_version", what=f"record for {name}@{version}")
@@ -408,6 +420,10 @@ class Registry:
             existing = [v for v in versions if v["sha256"] == weights[0]]
             if existing:
                 return self._version_obj(existing[0]), False
+            if (parents is None and not parent_version and isinstance(origin, dict) and origin.get("ref")
+                    and origin.get("sha256") == weights[0]):
+                # An exported folder names the version it was exported from; the same weights prove the claim.
+                parents = [{"ref": origin["ref"], "sha256": origin["sha256"], "relation": "imported-from"}]
             config = self.objects.put_file(parsed.config_path)
             base_record = self._register_base(base_fp, None, Path(base)) if base_fp and not base_record else base_record
             dataset_record = self._register_dataset(dataset_fp, Path(dataset)) if dataset_fp else None
@@ -416,6 +432,45 @@ class Registry:
             self._index(record)
             self._adapter_db(name).table("versions").insert(Document(record, doc_id=version))
             return self._version_obj(record), True
+
+    def _import_peft(self, folder: Path, name: str, base, dataset, parent, relation, tags, description,
+                     parents) -> tuple[AdapterVersion, bool]:
+        """Convert a PEFT folder to mlx-lm's layout in a scratch folder, then import that."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="adapterhub-peft-") as scratch:
+            config = peft_format.to_mlx(folder, Path(scratch))
+            if base is None and config.get("base_model_name_or_path"):
+                # The base PEFT names is used when it is here (a folder, a registered base, a cached Hub repo).
+                try:
+                    self.resolve_base(config["base_model_name_or_path"])
+                    base = config["base_model_name_or_path"]
+                except AdapterHubError:
+                    pass
+            origin = read_json(folder / RECORD_FILE)
+            if parents is None and not parent and isinstance(origin, dict) and self._same_tensors(origin, Path(scratch)):
+                # Exported from a version here: the converted tensors are that version's, bit for bit.
+                parents = [{"ref": origin["ref"], "sha256": origin["sha256"], "relation": "imported-from"}]
+            hyperparameters = {k: config[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora",
+                                                      "use_dora", "base_model_name_or_path", "peft_version") if k in config}
+            return self.import_adapter(Path(scratch), name, base, dataset, parent, relation, tags, description,
+                                       parents=parents, training={"tool": "peft", "hyperparameters": hyperparameters, "losses": None},
+                                       source={"path": str(folder.resolve()), "format": "peft", "checkpoint": None})
+
+    def _same_tensors(self, origin: dict, folder: Path) -> bool:
+        """Whether `folder`'s adapters.safetensors holds exactly the tensors of the version `origin` names."""
+        from .safetensors_io import read_bits
+
+        try:
+            version = self.resolve(origin.get("ref", ""))
+        except AdapterHubError:
+            return False
+        if version.sha256 != origin.get("sha256"):
+            return False
+        ours, theirs = read_header(folder / mlx_format.WEIGHTS_FILE), read_header(self.objects.path(version.sha256))
+        if ours.structure() != theirs.structure():
+            return False
+        return all((read_bits(ours, k) == read_bits(theirs, k)).all() for k in ours.tensors)
 
     def register_records(self, records: list[dict]) -> int:
         """Register many finished version records at once, for migrations and benchmarks.
@@ -459,18 +514,6 @@ class Registry:
             db = self._by_base_db(record["base"]["sha256"])
             if not db.contains(Query().name == record["name"]):
                 db.insert({"name": record["name"]})
-
-    def export(self, ref: str, out_dir: Path | str, format: str = "mlx") -> list[Path]:
-        """Write a folder mlx_lm loads as is; the weights are byte-identical to what was imported."""
-        if format != "mlx":
-            raise AdapterHubError(f"export format '{format}' is not available yet", hint="use --format mlx")
-        version = self.resolve(ref)
-        out = Path(out_dir)
-        with staged_folder(out, "export") as staging:
-            for f in version.record["files"]:
-                with open(self.objects.path(f["sha256"]), "rb") as src, atomic_write(staging / f["name"]) as dst:
-                    shutil.copyfileobj(src, dst, 8 << 20)
-        return [out / f["name"] for f in version.record["files"]]
 
     def modules(self, version: AdapterVersion) -> dict[str, tuple[int, int]]:
         """Module path -> (in, out) of a stored adapter, from its weight header alone."""

@@ -14,7 +14,7 @@ def test_demo_runs_the_lifecycle_into_a_fresh_registry(tmp_path):
     assert "error: invalid name 'Tiny Stories!'" in done.stdout  # the naming step shows a refusal
     reg = Registry(registry)
     assert [v.ref for v in reg.list()] == ["tiny-stories-extracted@1", "tiny-stories-lora@1", "tiny-stories-lora-ckpt@1",
-                                          "tiny-trained@1", "tiny-trained@2"]
+                                          "tiny-trained@1", "tiny-trained@2", "tiny-trained-from-peft@1"]
     assert reg.resolve("tiny-trained@2").record["parents"][0]["ref"] == "tiny-trained@1"
     assert [r["status"] for r in reg.runs()] == ["finished", "finished"]
     assert "same tokens" in done.stdout and "exact: the base is back, bit for bit" in done.stdout

@@ -1,6 +1,7 @@
 """The bundled trainer on a real tiny model: learning, chaining, retention, exact resume, refusals."""
 
 import json
+from pathlib import Path
 import random
 import signal
 import subprocess
@@ -43,14 +44,22 @@ def test_training_lowers_validation_loss_and_registers_the_version(cli, registry
 def test_from_continues_from_the_parent_weights(cli, registry, tiny_model, tiny_data):
     assert cli("train", *options(tiny_model, tiny_data, "--name", "first", "--iters", "10", "--save-every", "10"))[0] == 0
     # A zero learning rate leaves the weights where they started: exactly the parent's.
-    code, out, err = cli("--json", "train", *options(tiny_model, tiny_data, "--name", "second", "--iters", "2", "--from", "first",
-                                                    "--optimizer", "sgd", "--learning-rate", "0", "--save-every", "10"))
+    code, out, err = cli("--json", "train", *options(tiny_model, tiny_data, "--name", "second", "--iters", "4", "--from", "first",
+                                                    "--optimizer", "sgd", "--learning-rate", "0", "--save-every", "2"))
     assert code == 0, err
     child, parent = json.loads(out), registry.resolve("first@1")
     assert child["parents"] == [{"ref": "first@1", "sha256": parent.sha256, "relation": "resumed-from"}]
     ours = mx.load(str(registry.objects.path(child["sha256"])), format="safetensors")
     theirs = mx.load(str(registry.objects.path(parent.sha256)), format="safetensors")
     assert ours.keys() == theirs.keys() and all(mx.array_equal(ours[k], theirs[k]).item() for k in ours)
+    # A checkpoint's own lineage: its run's parent, base and dataset, from its metadata alone.
+    checkpoint = next(Path(registry.runs()[-1]["dir"]).glob("step-0000002.safetensors"))
+    code, out, err = cli("--json", "lineage", checkpoint)
+    graph = json.loads(out)
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    edges = {(e["relation"], nodes[e["parent"]]["sha256"]) for e in graph["edges"] if e["child"] == graph["root"]}
+    assert code == 0 and nodes[graph["root"]]["kind"] == "checkpoint", err
+    assert edges == {("resumed-from", parent.sha256), ("base", child["base"]["sha256"]), ("dataset", child["dataset"]["sha256"])}
 
 
 def test_checkpoints_on_disk_follow_the_retention_policy(cli, registry, tiny_model, tiny_data):

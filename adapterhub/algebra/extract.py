@@ -13,7 +13,7 @@ from ..errors import AdapterHubError, IncompatibleError
 from ..fingerprint import weight_files
 from ..safetensors_io import read_bits, read_header, read_tensor
 from ..store import read_json
-from .fuse import RECORD_FILE
+from ..registry import RECORD_FILE
 from .fusion import quantization_for
 from .lowrank import truncated_dense, write_mlx_adapter
 

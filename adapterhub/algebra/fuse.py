@@ -22,14 +22,15 @@ import numpy as np
 from .. import naming
 from ..errors import ConflictError, IncompatibleError
 from ..fingerprint import canonical_sha256, weight_files
+from ..registry import RECORD_FILE
 from ..safetensors_io import (StreamingWriter, build_header, header_bytes, read_header, safetensors_dtype,
                               tensor_bytes)
 from ..schemas import validate
-from ..store import read_json, require_new_folder, staged_folder, write_json
+from ..card import fused_card
+from ..store import atomic_write, read_json, require_new_folder, staged_folder, write_json
 from . import restore as restore_data
 from .fusion import deltas_for, fuse_module, group_members, module_updates, naive_base, quantization_for
 
-RECORD_FILE = "adapterhub.json"
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -231,7 +232,8 @@ def execute_fuse(plan: FusePlan, registry, progress=None) -> dict:
             }
             validate(record, "fused_model", what="fused model record")
             write_json(staging / RECORD_FILE, record)
-            (staging / "README.md").write_text(_card(plan, record))
+            with atomic_write(staging / "README.md", "w") as f:
+                f.write(fused_card(registry, record, plan.out))
     except BaseException:
         encoder.shutdown(cancel_futures=True)
         if restore:
@@ -277,12 +279,3 @@ def _copy_side_files(plan: FusePlan, staging: Path, config: dict, index_map: dic
 def _restore_record(registry, stored: dict) -> dict:
     return {**stored, "registry": str(registry.root.resolve()),
             "path": str(registry.objects.path(stored["sha256"]).relative_to(registry.root))}
-
-
-def _card(plan: FusePlan, record: dict) -> str:
-    base = plan.base.get("hf_repo") or plan.base["name"]
-    adapters = "\n".join(f"- `{a['ref']}` (sha256 `{a['sha256'][:12]}`)" for a in record["adapters"])
-    return (f"---\nbase_model: {base}\nbase_model_relation: merge\nlibrary_name: mlx\ntags:\n- mlx\n- adapterhub\n- merge\n---\n\n"
-            f"# {plan.out.name}\n\n{base} (sha256 `{plan.base['sha256'][:12]}`) with these adapters fused in:\n\n{adapters}\n\n"
-            f"Made by adapterhub; `adapterhub.json` records the base fingerprint, the adapters and the restore data, "
-            f"and `adapterhub unfuse` rebuilds the base{' exactly' if record['restore'] else ''}.\n")

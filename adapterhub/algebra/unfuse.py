@@ -20,7 +20,8 @@ from ..safetensors_io import (Header, StreamingWriter, build_header, read_bits, 
                               tensor_bytes)
 from ..store import read_json, require_new_folder, staged_folder
 from . import restore as restore_data
-from .fuse import INDEX_FILE, RECORD_FILE
+from ..registry import RECORD_FILE
+from .fuse import INDEX_FILE
 from .fusion import deltas_for, group_members, module_updates, naive_base, quantization_for
 
 

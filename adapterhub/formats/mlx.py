@@ -80,7 +80,7 @@ def read_adapter_folder(folder: Path, checkpoint: str | None = None) -> ParsedAd
     if not isinstance(config, dict):
         raise _bad(config_path, "is not a JSON object")
     if config.get("peft_type"):
-        raise InvalidAdapterError(f"{folder} is a PEFT adapter folder", hint="PEFT import is not available yet; export it with mlx_lm or wait for PEFT support")
+        raise InvalidAdapterError(f"{folder} is a PEFT adapter folder, not an mlx-lm one", hint="register it with 'adapterhub import', which converts it")
     validate(config, "mlx_adapter_config", what=str(config_path))
     weights_path = Path(checkpoint) if checkpoint else folder / WEIGHTS_FILE
     if checkpoint and not weights_path.is_absolute() and not weights_path.exists():

@@ -1,0 +1,132 @@
+"""Hugging Face model cards for adapter versions and fused models.
+
+The front matter carries what the Hub indexes (`base_model`, `base_model_relation`,
+`library_name`, `datasets`, `tags`, `license`); the body carries what a person
+auditing the model needs: the fingerprints, the hyper-parameters, the loss curve
+and the lineage. Values are written as JSON strings, which YAML reads as is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .lineage import Node, Walker, ancestors, to_tree, walk_up
+from .registry import AdapterVersion, Registry
+
+LOSS_ROWS = 12  # a loss curve in a card is a glance, not the log
+
+
+def _yaml(front: dict) -> str:
+    lines = ["---"]
+    for key, value in front.items():
+        if value is None or value == []:
+            continue
+        if isinstance(value, list):
+            lines.append(f"{key}:")
+            lines += [f"- {json.dumps(v)}" for v in value]
+        else:
+            lines.append(f"{key}: {json.dumps(value)}")
+    return "\n".join(lines + ["---", ""])
+
+
+def base_license(base: dict | None) -> str | None:
+    """The license the base model's own card declares, when its folder is here to read."""
+    readme = Path(base["path"]) / "README.md" if base and base.get("path") else None
+    if not readme or not readme.is_file():
+        return None
+    match = re.match(r"^---\n(.*?)\n---", readme.read_text(errors="replace"), re.S)
+    found = re.search(r"^license:\s*[\"']?([^\s\"']+)", match.group(1), re.M) if match else None
+    return found.group(1) if found else None
+
+
+def _base_id(registry: Registry, ref: dict | None) -> tuple[str | None, dict | None]:
+    record = next((b for b in registry.bases() if ref and b["sha256"] == ref["sha256"]), None)
+    return ((record or {}).get("hf_repo") or (ref or {}).get("name")), record
+
+
+def _table(rows: list[tuple[str, object]]) -> str:
+    return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+def _losses(training: dict | None) -> str:
+    losses = (training or {}).get("losses") or {}
+    train = dict((int(s), v) for s, v in losses.get("train", []))
+    val = dict((int(s), v) for s, v in losses.get("val", []))
+    steps = sorted(set(train) | set(val))
+    if not steps:
+        return "No losses were recorded."
+    if len(steps) > LOSS_ROWS:
+        every = (len(steps) - 1) / (LOSS_ROWS - 1)
+        steps = sorted({steps[round(i * every)] for i in range(LOSS_ROWS)})
+    fmt = lambda x: f"{x:.4f}" if x is not None else ""  # noqa: E731
+    return "\n".join(["| step | train loss | validation loss |", "|---:|---:|---:|"]
+                     + [f"| {s} | {fmt(train.get(s))} | {fmt(val.get(s))} |" for s in steps])
+
+
+def adapter_card(registry: Registry, version: AdapterVersion, library: str = "mlx") -> str:
+    r = version.record
+    base_id, base_record = _base_id(registry, r.get("base"))
+    front = {
+        "base_model": base_id, "base_model_relation": "adapter", "library_name": library,
+        "datasets": [r["dataset"]["name"]] if r.get("dataset") else [],
+        "tags": ["adapterhub", "mlx", r["kind"]] + (["peft"] if library == "peft" else [])
+                + [f"{k}:{v}" for k, v in sorted(r["tags"].items())],
+        "license": base_license(base_record),
+    }
+    training = r.get("training") or {}
+    hyper = training.get("hyperparameters") or {}
+    base = r.get("base")
+    data = r.get("dataset")
+    body = [
+        f"# {version.ref}", "",
+        r.get("description") or f"A {r['kind'].upper()} adapter for {base_id or 'an unrecorded base model'}, catalogued by adapterhub.",
+        "", "## Metadata", "",
+        _table([("sha256", f"`{r['sha256']}`"), ("kind", r["kind"]), ("rank", r["rank"]), ("scale", f"{r['scale']:g}"),
+                ("targets", ", ".join(f"`{t}`" for t in r["targets"])), ("layers", f"{r['num_layers']}"),
+                ("parameters", f"{r.get('num_parameters', 0):,} ({r.get('dtype', '?')})"),
+                ("base model", f"{base['name']} `{base['sha256']}`" if base else "not recorded"),
+                ("dataset", f"{data['name']} `{data['sha256']}` {json.dumps(data['examples'])}" if data else "not recorded"),
+                ("trained with", training.get("tool", "not recorded")), ("created", r["created_at"])]),
+        "", "## Hyper-parameters", "",
+        "\n".join(["| name | value |", "|---|---|"] + [f"| {k} | `{json.dumps(v)}` |" for k, v in sorted(hyper.items())])
+        if hyper else "Not recorded.",
+        "", "## Loss", "", _losses(training),
+        "", "## Lineage", "", "```text", to_tree(ancestors(registry, version.ref)), "```",
+        "", "Re-check every hash above with `adapterhub audit " + version.ref + "`.", "",
+    ]
+    return _yaml(front) + "\n" + "\n".join(body)
+
+
+def fused_card(registry: Registry, record: dict, folder: Path) -> str:
+    """The card fuse writes into the fused folder (the record may not be registered yet)."""
+    base_id, base_record = _base_id(registry, record["base"])
+    walker = Walker(registry)
+    root = Node(f"fused:{record['sha256']}", "fused", str(Path(folder).resolve()), record["sha256"], True, record)
+    lineage = walk_up(walker, root)
+    datasets = sorted({n.label for n in lineage.nodes.values() if n.kind == "dataset"})
+    front = {"base_model": base_id, "base_model_relation": "merge", "library_name": "mlx", "datasets": datasets,
+             "tags": ["adapterhub", "mlx", "merge"], "license": base_license(base_record)}
+    adapters = "\n".join(f"- `{a['ref']}` (sha256 `{a['sha256']}`)" for a in record["adapters"])
+    body = [
+        f"# {Path(folder).name}", "",
+        f"{base_id} (sha256 `{record['base']['sha256']}`) with these adapters fused into its weights:", "", adapters, "",
+        "## Lineage", "", "```text", to_tree(lineage), "```", "",
+        "`adapterhub.json` records the base fingerprint, the adapters and the restore data: "
+        "`adapterhub audit .` re-checks every hash, `adapterhub unfuse . --out DIR` gives the base back.", "",
+    ]
+    return _yaml(front) + "\n" + "\n".join(body)
+
+
+def card(registry: Registry, target: str) -> str:
+    """The card for a version ref, or for a fused model folder."""
+    from .lineage import RECORD_FILE
+    from .store import read_json
+
+    path = Path(target).expanduser()
+    if path.is_dir():
+        record = read_json(path / RECORD_FILE)
+        if isinstance(record, dict) and "adapters" in record:
+            return fused_card(registry, record, path)
+    return adapter_card(registry, registry.resolve(target))

@@ -1,0 +1,144 @@
+"""PEFT LoRA folders: `adapter_config.json` (peft_type LORA) + `adapter_model.safetensors`.
+
+PEFT stores `lora_A.weight` as (r, in) and `lora_B.weight` as (out, r) under
+`base_model.model.<module>`, and scales the update by `lora_alpha / r` (or
+`lora_alpha / sqrt(r)` with rsLoRA); mlx-lm stores `lora_a` (in, r) and `lora_b`
+(r, out) under `<module>` with one `scale`. Converting is a transpose of raw
+bits in both directions, so a round trip is bit-exact whatever the dtype. DoRA's
+`lora_magnitude_vector` is mlx-lm's `m`: both divide by the row norms of
+W + scale·BA, so the same numbers mean the same model.
+"""
+
+from __future__ import annotations
+
+import re
+from math import sqrt
+from pathlib import Path
+
+from ..errors import InvalidAdapterError, NotFoundError
+from ..safetensors_io import StreamingWriter, build_header, read_bits, read_header, refuse_pickle
+from ..store import read_json, write_json
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+?)\.(?P<leaf>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
+_TO_MLX = {"lora_A.weight": "lora_a", "lora_B.weight": "lora_b", "lora_magnitude_vector": "m"}
+_TO_PEFT = {v: k for k, v in _TO_MLX.items()}
+# What PEFT can hold that an mlx-lm adapter cannot: (config key, why it cannot be represented).
+_UNREPRESENTABLE = (
+    ("modules_to_save", "keeps full trained copies of these modules, and mlx-lm adapters hold only low-rank updates"),
+    ("rank_pattern", "gives some modules another rank, and an mlx-lm adapter has one rank"),
+    ("alpha_pattern", "gives some modules another alpha, and an mlx-lm adapter has one scale"),
+    ("layer_replication", "duplicates layers of the base model"),
+    ("target_parameters", "adapts raw parameters rather than linear layers"),
+    ("trainable_token_indices", "trains embedding rows, not a low-rank update"),
+)
+
+
+def is_peft_folder(folder: Path) -> bool:
+    config = read_json(Path(folder) / CONFIG_FILE)
+    return isinstance(config, dict) and "peft_type" in config
+
+
+def _refuse(folder: Path, why: str) -> InvalidAdapterError:
+    return InvalidAdapterError(f"{folder}: {why}", hint="merge those parts into the base with PEFT first, or retrain as a plain LoRA")
+
+
+def read_config(folder: Path) -> dict:
+    """The PEFT config, refused with the reason when mlx-lm could not run it as the same model."""
+    folder = Path(folder)
+    for pickle in ("adapter_model.bin", "adapter_model.pt"):
+        if (folder / pickle).exists() and not (folder / WEIGHTS_FILE).exists():
+            refuse_pickle(folder / pickle)
+    config = read_json(folder / CONFIG_FILE)
+    if config.get("peft_type") != "LORA":
+        raise InvalidAdapterError(f"{folder} is a PEFT {config.get('peft_type')} adapter; only LoRA (and DoRA) convert to mlx-lm",
+                                  hint="import a PEFT LoRA folder (peft_type LORA)")
+    for key, why in _UNREPRESENTABLE:
+        if config.get(key):
+            raise _refuse(folder, f"PEFT '{key}' {why}")
+    if config.get("fan_in_fan_out"):
+        raise _refuse(folder, "fan_in_fan_out stores transposed (Conv1D, GPT-2 style) weights that mlx-lm models do not use")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise _refuse(folder, f"trained biases (bias={config.get('bias')!r}) are not part of an mlx-lm adapter")
+    if not isinstance(config.get("r"), int) or not isinstance(config.get("lora_alpha"), (int, float)):
+        raise InvalidAdapterError(f"{folder / CONFIG_FILE} lacks an integer 'r' or a numeric 'lora_alpha'",
+                                  hint="is it the adapter_config.json PEFT wrote?")
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise NotFoundError(f"{folder} has no {WEIGHTS_FILE}", hint="save the adapter with PeftModel.save_pretrained (safetensors is its default)")
+    return config
+
+
+def scale_of(config: dict) -> float:
+    """mlx-lm's `scale` for a PEFT config: lora_alpha / r, or lora_alpha / sqrt(r) under rsLoRA."""
+    r = config["r"]
+    return config["lora_alpha"] / (sqrt(r) if config.get("use_rslora") else r)
+
+
+def to_mlx(folder: Path, out: Path) -> dict:
+    """Write `out/adapters.safetensors` + `adapter_config.json` from a PEFT folder; returns the PEFT config."""
+    folder, out = Path(folder), Path(out)
+    config = read_config(folder)
+    header = read_header(folder / WEIGHTS_FILE)
+    entries, sources, targets = [], {}, set()
+    for key in sorted(header.tensors):
+        match = _KEY.match(key)
+        if not match:
+            raise _refuse(folder, f"tensor '{key}' is not a LoRA parameter of a linear layer "
+                                  "(embedding LoRA and extra trained weights do not convert)")
+        module, leaf = match.group("module"), _TO_MLX[match.group("leaf")]
+        info = header.tensors[key]
+        shape = tuple(reversed(info.shape)) if leaf != "m" else tuple(info.shape)
+        entries.append((f"{module}.{leaf}", info.dtype, shape))
+        sources[f"{module}.{leaf}"] = key
+        layer = _LAYER.search(module)
+        targets.add(layer.group(2) if layer else module)
+    if any(name.endswith(".m") for name, _, _ in entries) != bool(config.get("use_dora")):
+        raise _refuse(folder, "use_dora and the presence of lora_magnitude_vector tensors disagree")
+    ranks = {shape[1] for name, _, shape in entries if name.endswith(".lora_a")}
+    if ranks != {config["r"]}:
+        raise _refuse(folder, f"says r={config['r']} but its lora_A tensors have rank(s) {sorted(ranks)}")
+    entries.sort()
+    with StreamingWriter(out / "adapters.safetensors", build_header(entries, {"format": "mlx"})) as writer:
+        for name, _, _ in entries:
+            bits = read_bits(header, sources[name])
+            writer.write((bits if name.endswith(".m") else bits.T).copy(order="C").tobytes())
+        writer.close()
+    write_json(out / "adapter_config.json", {
+        "fine_tune_type": "dora" if config.get("use_dora") else "lora",
+        # Every layer: mlx-lm wraps the last num_layers layers, and PEFT may adapt any subset; a wrapped
+        # layer without weights keeps lora_b = 0 and computes exactly what the base computes.
+        "num_layers": -1,
+        "lora_parameters": {"rank": config["r"], "scale": scale_of(config), "dropout": float(config.get("lora_dropout") or 0.0),
+                            "keys": sorted(targets)},
+    })
+    return config
+
+
+def from_mlx(weights: Path, record: dict, out: Path, base_model_name_or_path: str | None) -> None:
+    """Write `out/adapter_model.safetensors` + `adapter_config.json` that PeftModel.from_pretrained loads."""
+    header = read_header(weights)
+    entries, sources = [], {}
+    for key in sorted(header.tensors):
+        module, _, leaf = key.rpartition(".")
+        info = header.tensors[key]
+        name = f"{_PREFIX}{module}.{_TO_PEFT[leaf]}"
+        entries.append((name, info.dtype, tuple(reversed(info.shape)) if leaf != "m" else tuple(info.shape)))
+        sources[name] = key
+    entries.sort()
+    with StreamingWriter(Path(out) / WEIGHTS_FILE, build_header(entries, {"format": "pt"})) as writer:
+        for name, _, _ in entries:
+            bits = read_bits(header, sources[name])
+            writer.write((bits if name.endswith("lora_magnitude_vector") else bits.T).copy(order="C").tobytes())
+        writer.close()
+    rank = record["rank"]
+    write_json(Path(out) / CONFIG_FILE, {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": rank, "lora_alpha": record["scale"] * rank, "lora_dropout": record.get("dropout", 0.0),
+        "target_modules": sorted(record["targets"]), "layers_to_transform": sorted(record["layers"]) or None,
+        "use_dora": record["kind"] == "dora", "use_rslora": False, "bias": "none", "fan_in_fan_out": False,
+        "modules_to_save": None, "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
+        "revision": None,
+    })
