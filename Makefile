@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/registry_scale.py
 	$(BIN)/python bench/fuse.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/loreft.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

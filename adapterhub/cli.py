@@ -93,6 +93,10 @@ def _show_text(v: AdapterVersion) -> str:
         f"  base       {base['name'] + '  ' + base['sha256'][:12] + '  (' + str(base['model_type']) + ')' if base else 'unknown'}",
         f"  dataset    {data['name'] + '  ' + data['sha256'][:12] + '  ' + json.dumps(data['examples']) if data else '-'}",
     ]
+    if r.get("loreft"):
+        lf = r["loreft"]
+        lines.append(f"  loreft     positions {lf['positions']}, {lf['interventions']} intervention(s) per layer"
+                     f"{' (shared)' if lf['share_weights'] else ''}, {lf['activation']}, hidden size {lf['hidden_size']}")
     for p in r["parents"]:
         lines.append(f"  parent     {p['relation']} {p['ref']}  {p['sha256'][:12]}")
     if v.aliases:
@@ -117,7 +121,7 @@ def _show_text(v: AdapterVersion) -> str:
 @click.version_option(package_name="adapterhub")
 @click.pass_context
 def cli(ctx: click.Context, registry_path: Path | None, as_json: bool, quiet: bool) -> None:
-    """Catalogue, check and manage LoRA / DoRA adapters for MLX models."""
+    """Catalogue, check and manage LoRA / DoRA / LoReFT adapters for MLX models."""
     ctx.obj = Context(registry_path or default_registry(), as_json, quiet)
 
 
@@ -415,6 +419,8 @@ def _training_reporter(ctx: Context, iters: int):
                 click.echo(f"step {event['step']}: checkpoint saved in {event['seconds']:.3f} s{removed}", err=True)
             elif event["event"] == "resumed":
                 click.echo(f"resumed at step {event['step']}", err=True)
+            elif event["event"] == "test":
+                click.echo(f"test loss {event['test_loss']:.4f}, perplexity {event['test_perplexity']:.2f}", err=True)
         yield line
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -439,7 +445,7 @@ def _training_reporter(ctx: Context, iters: int):
 @click.option("--data", type=click.Path(path_type=Path), help="Folder with train.jsonl / valid.jsonl / test.jsonl.")
 @click.option("--name", help="Adapter name; the result becomes its next version.")
 @click.option("--from", "from_ref", help="Continue from this version's weights (chained training).")
-@click.option("--kind", type=click.Choice(["lora", "dora"]))
+@click.option("--kind", type=click.Choice(["lora", "dora", "loreft"]))
 @click.option("--rank", type=int)
 @click.option("--scale", type=float)
 @click.option("--dropout", type=float)
@@ -461,6 +467,10 @@ def _training_reporter(ctx: Context, iters: int):
 @click.option("--keep-every", type=int, help="Also keep every P-th step.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML options, as mlx_lm.lora reads them.")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE")
+@click.option("--layers", help="LoReFT: decoder layers to intervene on, e.g. '8;16', or all.")
+@click.option("--positions", help="LoReFT: prompt positions in pyreft's notation (default f1+l1: first and last token).")
+@click.option("--share-weights", is_flag=True, default=None, help="LoReFT: one intervention for first and last positions.")
+@click.option("--activation", type=click.Choice(["linear", "relu", "gelu", "tanh", "silu"]), help="LoReFT: on W h + b (default linear).")
 @click.option("--resume", "resume_id", metavar="RUN_ID", help="Continue an interrupted run exactly.")
 @pass_ctx
 def train(ctx: Context, config_file: Path | None, tags: tuple[str, ...], resume_id: str | None, base_: str | None,
@@ -557,7 +567,9 @@ def checkpoints_promote(ctx: Context, run_id: str, step: int, name: str) -> None
     checkpoint = checkpoints.find(folder, step)
     config = TrainConfig(**record["config"])
     with tempfile.TemporaryDirectory(prefix="adapterhub-promote-") as tmp:
-        (Path(tmp) / "adapter_config.json").write_text(json.dumps(config.adapter_config()))
+        written = folder / "adapter_config.json"  # resolved at the run's start (LoReFT's layers, hidden size)
+        (Path(tmp) / "adapter_config.json").write_text(written.read_text() if written.is_file()
+                                                       else json.dumps(config.adapter_config()))
         version, _ = ctx.registry.import_adapter(
             Path(tmp), name, base=config.base, dataset=config.data, checkpoint=str(checkpoint.path), tags=config.tags,
             parent=config.from_ref, description=f"step {step} of run {run_id}")

@@ -63,7 +63,7 @@ def _logical_shape(module: str, tensors: dict[str, list], bits: int | None) -> t
 
 def check(adapter_name: str, modules: dict[str, tuple[int, int]], layers: list[int], adapter_base: dict | None,
           base_name: str, base: dict, adapter_base_files: list[dict] | None = None,
-          allow_different_weights: bool = False) -> CompatReport:
+          allow_different_weights: bool = False, hidden_size: int | None = None) -> CompatReport:
     """Decide whether an adapter fits a base model.
 
     Args:
@@ -75,6 +75,7 @@ def check(adapter_name: str, modules: dict[str, tuple[int, int]], layers: list[i
         base: the candidate base's fingerprint (sha256, structure_sha256, config, tensors, files).
         adapter_base_files: the files of the adapter's recorded base, to say which differ.
         allow_different_weights: accept the same structure with other weights.
+        hidden_size: a LoReFT adapter's hidden size (it edits hidden states, not modules).
     """
     config = base["config"]
     quant = config.get("quantization") or {}
@@ -86,6 +87,8 @@ def check(adapter_name: str, modules: dict[str, tuple[int, int]], layers: list[i
         beyond = [i for i in layers if i >= total_layers]
         if beyond:
             problems.append(f"adapter touches layer(s) {', '.join(map(str, beyond))} but the base has {total_layers} layers (0–{total_layers - 1})")
+    if hidden_size is not None and config.get("hidden_size") not in (None, hidden_size):
+        problems.append(f"LoReFT interventions have hidden size {hidden_size} but the base's is {config['hidden_size']}")
     for module, (n_in, n_out) in sorted(modules.items()):
         base_module = by_normal.get(_normalise(module))
         if base_module is None:

@@ -140,6 +140,14 @@ def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
     _cli(registry, "export", "tiny-trained@2", str(peft), "--format", "peft", quiet=quiet)
     _cli(registry, "import", str(peft), "--name", "tiny-trained-from-peft", quiet=quiet)
     _cli(registry, "push", "tiny-trained@2", "you/tiny-trained", "--dry-run", quiet=quiet)
+
+    _step("11. LoReFT: edit hidden states at the prompt's last token; it cannot be fused", quiet)
+    _cli(registry, "train", "--kind", "loreft", "--data", str(colours), "--name", "tiny-colours-reft", "--layers", "2;3",
+         "--rank", "4", "--positions", "f1+l1", "--iters", "30", "--learning-rate", "5e-3", "--base", "tiny-llama",
+         "--val-batches", "4", "--steps-per-eval", "10", "--steps-per-report", "10", "--save-every", "10", quiet=quiet)
+    _cli(registry, "show", "tiny-colours-reft", quiet=quiet)
+    _cli(registry, "generate", "tiny-colours-reft", "--prompt", "what colour is the snow ?", "--max-tokens", "6", quiet=quiet)
+    _cli(registry, "fuse", "tiny-colours-reft", "--base", "tiny-llama", "--out", str(workdir / "never"), quiet=quiet, check=False)
     _cli(registry, "verify", quiet=quiet)
     if not quiet:
         click.echo(f"\ndone: registry at {registry}; try 'adapterhub --registry {registry} list'")

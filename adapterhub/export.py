@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from .card import adapter_card
+from .errors import AdapterHubError
 from .formats import peft as peft_format
 from .lineage import RECORD_FILE
 from .registry import Registry
@@ -22,6 +23,9 @@ FORMATS = ("mlx", "peft")
 def export(registry: Registry, ref: str, out_dir: Path | str, format: str = "mlx") -> list[Path]:
     """Write the folder; mlx weights are byte-identical to what was imported, PEFT's are their exact transpose."""
     version = registry.resolve(ref)
+    if format == "peft" and version.record["kind"] == "loreft":
+        raise AdapterHubError(f"{version.ref} is a LoReFT adapter, which PEFT's LoRA format cannot hold",
+                              hint="export it with --format mlx; adapterhub generate and adapterhub.loreft.load_folder load it")
     out = Path(out_dir)
     with staged_folder(out, "export") as staging:
         if format == "mlx":

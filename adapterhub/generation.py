@@ -8,6 +8,17 @@ from pathlib import Path
 from .errors import AdapterHubError, IncompatibleError
 
 
+def load_loreft(registry, version, model):
+    """Wrap `model`'s layers with the version's LoReFT interventions and load their weights."""
+    import mlx.core as mx
+
+    from . import loreft
+
+    weights = mx.load(str(registry.objects.path(version.sha256)), format="safetensors")
+    loreft.load(model, weights, loreft.config_from(version.record["loreft"]))
+    return model
+
+
 def generate(registry, ref: str, base: str | None, prompt: str, max_tokens: int = 100,
              allow_different_weights: bool = False) -> dict:
     """Load base + adapter with mlx-lm and generate greedily; returns {ref, base, prompt, text}."""
@@ -25,6 +36,13 @@ def generate(registry, ref: str, base: str | None, prompt: str, max_tokens: int 
     from mlx_lm import generate as mlx_generate, load
 
     from .export import copy_stored_files
+
+    if version.record["kind"] == "loreft":
+        from . import loreft
+
+        model, tokenizer = load(str(base_path))
+        text = loreft.generate(load_loreft(registry, version, model), tokenizer, prompt, max_tokens)
+        return {"ref": version.ref, "base": str(base_path), "prompt": prompt, "text": text}
 
     with tempfile.TemporaryDirectory(prefix="adapterhub-generate-") as tmp:
         copy_stored_files(registry, version, Path(tmp) / "adapter")

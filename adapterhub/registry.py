@@ -375,7 +375,8 @@ class Registry:
         base_name = base_record["name"] if base_record else (naming.suggest_name(Path(base).resolve().name) if base else None)
         naming.check_name(name, self.policy, tags, base_name)
         if base_fp:
-            report = compat.check(name, parsed.modules, list(parsed.layers), None, str(base), base_fp)
+            report = compat.check(name, parsed.modules, list(parsed.layers), None, str(base), base_fp,
+                                  hidden_size=(parsed.loreft or {}).get("hidden_size"))
             if not report.compatible:
                 raise IncompatibleError(f"adapter {Path(folder)} does not fit base {base}: " + "; ".join(report.problems[:3]),
                                         hint="check --base; it must be the model the adapter was trained on")
@@ -399,6 +400,7 @@ class Registry:
                     if parent_version else []),
                 "files": [{"name": mlx_format.WEIGHTS_FILE, "sha256": weights[0], "size": weights[1]},
                           {"name": mlx_format.CONFIG_FILE, "sha256": config[0], "size": config[1]}],
+                **({"loreft": parsed.loreft} if parsed.loreft else {}),
                 "tags": tags, "description": description,
                 "source": source or {"path": str(Path(folder).resolve()), "format": "mlx", "checkpoint": checkpoint},
                 "created_at": now(),
@@ -530,7 +532,8 @@ class Registry:
         recorded_full = next((b for b in self.bases() if recorded and b["sha256"] == recorded["sha256"]), None)
         adapter_base = {**recorded, "config": recorded_full["config"]} if recorded and recorded_full else recorded
         return compat.check(version.ref, self.modules(version), version.record["layers"], adapter_base, str(base), base_fp,
-                            recorded_full["files"] if recorded_full else None, allow_different_weights)
+                            recorded_full["files"] if recorded_full else None, allow_different_weights,
+                            hidden_size=(version.record.get("loreft") or {}).get("hidden_size"))
 
     def alias(self, ref: str, alias: str) -> AdapterVersion:
         """Point `name@alias` at the version `ref` names (aliases move, versions do not)."""

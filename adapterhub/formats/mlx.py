@@ -24,7 +24,7 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 TRAINING_KEYS = (
     "iters", "batch_size", "learning_rate", "lr_schedule", "optimizer", "optimizer_config",
     "max_seq_length", "grad_accumulation_steps", "grad_checkpoint", "mask_prompt", "seed",
-    "steps_per_eval", "val_batches", "save_every", "num_layers", "lora_parameters", "fine_tune_type",
+    "steps_per_eval", "val_batches", "save_every", "num_layers", "lora_parameters", "fine_tune_type", "loreft_parameters",
 )
 
 
@@ -44,7 +44,8 @@ class ParsedAdapter:
     targets: tuple[str, ...]
     dtype: str
     num_parameters: int
-    modules: dict[str, tuple[int, int]]  # module path -> (in, out)
+    modules: dict[str, tuple[int, int]]  # module path -> (in, out); none for LoReFT
+    loreft: dict | None = None  # LoReFT's layers, positions, rank, hidden size and interventions per layer
 
     @property
     def hyperparameters(self) -> dict:
@@ -92,11 +93,56 @@ def read_adapter_folder(folder: Path, checkpoint: str | None = None) -> ParsedAd
     return derive(config_path, weights_path, config, header)
 
 
+_INTERVENTION = re.compile(r"^(?:.*\.)?layers\.(\d+)\.interventions\.(\d+)\.(rotate|learned_source\.weight|learned_source\.bias)$")
+
+
+def _derive_loreft(config_path: Path, weights_path: Path, config: dict, header: Header, check_values: bool) -> ParsedAdapter:
+    """A LoReFT adapter: per layer, interventions of R (r, d), W (r, d) and b (r,)."""
+    from ..loreft import LoReFTConfig
+
+    params = config.get("loreft_parameters")
+    if not isinstance(params, dict):
+        raise _bad(config_path, "says fine_tune_type 'loreft' but has no loreft_parameters", hint="train it with 'adapterhub train --kind loreft'")
+    found: dict[tuple[int, int], dict[str, tuple]] = {}
+    for key, info in header.tensors.items():
+        match = _INTERVENTION.match(key)
+        if not match:
+            raise _bad(weights_path, f"tensor '{key}' is not a LoReFT parameter (rotate, learned_source.weight/bias)")
+        found.setdefault((int(match.group(1)), int(match.group(2))), {})[match.group(3)] = tuple(info.shape)
+    rank, hidden = params["rank"], params["hidden_size"]
+    expected = {"rotate": (rank, hidden), "learned_source.weight": (rank, hidden), "learned_source.bias": (rank,)}
+    for (layer, k), parts in sorted(found.items()):
+        for part, shape in expected.items():
+            if parts.get(part) != shape:
+                raise _bad(weights_path, f"layer {layer} intervention {k}: {part} is {list(parts[part]) if part in parts else 'missing'}, "
+                                         f"expected {list(shape)} (rank {rank}, hidden size {hidden})")
+    layers = sorted({layer for layer, _ in found})
+    per_layer = LoReFTConfig(layers=layers, rank=rank, positions=params["positions"],
+                             share_weights=params["share_weights"]).interventions_per_layer
+    if layers != sorted(params["layers"]) or any(sum(1 for (l, _) in found if l == layer) != per_layer for layer in layers):
+        raise _bad(config_path, f"says layers {params['layers']} with {per_layer} intervention(s) each, "
+                                f"but the tensors hold {len(found)} interventions on layers {layers}")
+    bad = non_finite_tensors(header) if check_values else []
+    if bad:
+        raise _bad(weights_path, f"NaN or infinite values in {', '.join(bad[:5])}", hint="the training diverged; use an earlier checkpoint")
+    dtypes = {t.dtype for t in header.tensors.values()}
+    return ParsedAdapter(
+        config_path=config_path, weights_path=weights_path, config=config, header=header, kind="loreft", rank=rank,
+        scale=1.0, dropout=float(params.get("dropout", 0.0)), layers=tuple(layers), targets=("block_output",),
+        dtype=dtypes.pop() if len(dtypes) == 1 else "mixed",
+        num_parameters=sum(prod(t.shape) for t in header.tensors.values()), modules={},
+        loreft={**{k: params[k] for k in ("rank", "positions", "share_weights", "activation", "hidden_size")},
+                "layers": layers, "dropout": float(params.get("dropout", 0.0)), "interventions": per_layer},
+    )
+
+
 def derive(config_path: Path, weights_path: Path, config: dict, header: Header, check_values: bool = True) -> ParsedAdapter:
     """Everything recorded about an adapter, from its tensors, checked against its config."""
     if not header.tensors:
         raise _bad(weights_path, "holds no tensors")
     fine_tune_type = config.get("fine_tune_type", "lora")
+    if fine_tune_type == "loreft":
+        return _derive_loreft(config_path, weights_path, config, header, check_values)
     if fine_tune_type == "full":
         raise _bad(config_path, "is a full fine-tune, not an adapter", hint="fuse it into a model with mlx_lm instead")
     modules: dict[str, dict[str, tuple]] = {}

@@ -39,6 +39,11 @@ class TrainConfig:
     keep_every: int | None = None
     from_ref: str | None = None
     tags: dict = field(default_factory=dict)
+    # LoReFT only: decoder layers (`8;16` or `all`), prompt positions in pyreft's notation, and the edit's shape.
+    layers: str | None = None
+    positions: str = "f1+l1"
+    share_weights: bool = False
+    activation: str = "linear"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,8 +54,17 @@ class TrainConfig:
         doc = {k: v for k, v in self.to_dict().items() if k not in ignored}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
-    def adapter_config(self) -> dict:
-        """The adapter_config.json mlx-lm writes for the same options, so mlx_lm loads our output as is."""
+    def adapter_config(self, loreft: dict | None = None) -> dict:
+        """The adapter_config.json mlx-lm writes for the same options, so mlx_lm loads our output as is.
+
+        A LoReFT adapter (`loreft`: its resolved parameters) is ours alone: mlx-lm cannot load it.
+        """
+        if self.kind == "loreft":
+            return {"fine_tune_type": "loreft", "iters": self.iters, "batch_size": self.batch_size,
+                    "learning_rate": self.learning_rate, "lr_schedule": self.lr_schedule, "optimizer": self.optimizer,
+                    "max_seq_length": self.max_seq_length, "grad_accumulation_steps": self.grad_accumulation_steps,
+                    "mask_prompt": True, "seed": self.seed, "steps_per_eval": self.steps_per_eval,
+                    "val_batches": self.val_batches, "save_every": self.save_every, "loreft_parameters": loreft}
         return {
             "fine_tune_type": self.kind, "num_layers": self.num_layers, "iters": self.iters, "batch_size": self.batch_size,
             "learning_rate": self.learning_rate, "lr_schedule": self.lr_schedule, "optimizer": self.optimizer,
@@ -69,8 +83,20 @@ class TrainConfig:
                 problems.append(f"{f.name} must be a number, got {value!r}")
         if problems:
             raise AdapterHubError("; ".join(problems), hint="fix the training options")
-        if self.kind not in ("lora", "dora"):
-            problems.append(f"--kind {self.kind} is not trainable here (lora or dora)")
+        if self.kind not in ("lora", "dora", "loreft"):
+            problems.append(f"--kind {self.kind} is not trainable here (lora, dora or loreft)")
+        if self.kind == "loreft":
+            from ..loreft import ACTIVATIONS, parse_layers, parse_positions
+
+            if not self.layers:
+                problems.append("--kind loreft needs --layers (e.g. 8;16, or all)")
+            elif str(self.layers).strip().lower() != "all":
+                parse_layers(self.layers)
+            parse_positions(self.positions)
+            if self.activation not in ACTIVATIONS:
+                problems.append(f"--activation {self.activation} is not one of {', '.join(ACTIVATIONS)}")
+            if not self.mask_prompt:
+                problems.append("LoReFT edits prompt positions and learns the completion: it needs prompt/completion data")
         if self.optimizer not in ("adam", "adamw", "sgd"):
             problems.append(f"--optimizer {self.optimizer} is not supported (adam, adamw, sgd)")
         for name in ("rank", "iters", "batch_size", "grad_accumulation_steps", "save_every", "max_seq_length"):
@@ -114,6 +140,8 @@ def merge(cli: dict, yaml_path: Path | None) -> TrainConfig:
     missing = [k for k in ("base", "data", "name") if not options.get(k)]
     if missing:
         raise AdapterHubError(f"missing {', '.join('--' + m for m in missing)}", hint="give them on the command line or in --config")
+    if options.get("kind") == "loreft":
+        options["mask_prompt"] = True  # the loss is on the completion, the edit on the prompt
     config = TrainConfig(**options)
     config.check()
     return config

@@ -109,16 +109,26 @@ class Trainer:
         config = self.config
         mx.random.seed(config.seed)
         model, tokenizer = load(str(self.base_path))
-        if config.num_layers > len(model.layers):
+        self.loreft = None
+        if config.kind == "loreft":
+            from .. import loreft
+
+            self.loreft = loreft.LoReFTConfig(
+                layers=loreft.parse_layers(config.layers, len(model.layers)), rank=config.rank, positions=config.positions,
+                share_weights=config.share_weights, dropout=config.dropout, activation=config.activation,
+                hidden_size=loreft.hidden_size_of(model))
+            loreft.apply(model, self.loreft)
+        elif config.num_layers > len(model.layers):
             raise IncompatibleError(f"--num-layers {config.num_layers} but the base has {len(model.layers)} layers",
                                     hint=f"pass --num-layers {len(model.layers)} or fewer (-1 for all)")
-        model.freeze()
-        linear_to_lora_layers(model, config.num_layers, {"rank": config.rank, "scale": config.scale, "dropout": config.dropout},
-                              use_dora=config.kind == "dora")
+        if not self.loreft:
+            model.freeze()
+            linear_to_lora_layers(model, config.num_layers, {"rank": config.rank, "scale": config.scale, "dropout": config.dropout},
+                                  use_dora=config.kind == "dora")
         if self.parent:
             self._load_parent(model)
         try:
-            train, valid, _ = load_local_dataset(Path(config.data), tokenizer, SimpleNamespace(mask_prompt=config.mask_prompt))
+            train, valid, test = load_local_dataset(Path(config.data), tokenizer, SimpleNamespace(mask_prompt=config.mask_prompt))
             if len(train):
                 train[0]  # mlx-lm tokenizes lazily: surface a data/tokenizer mismatch now, not mid-run
         except ValueError as e:
@@ -129,6 +139,7 @@ class Trainer:
                                   hint="add examples or lower --batch-size")
         learning_rate = build_schedule(config.lr_schedule) if config.lr_schedule else config.learning_rate
         optimizer = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}[config.optimizer](learning_rate=learning_rate)
+        self.test_set = CacheDataset(test) if len(test) else None
         return model, tokenizer, CacheDataset(train), CacheDataset(valid) if len(valid) else None, optimizer
 
     def _load_parent(self, model) -> None:
@@ -171,6 +182,7 @@ class Trainer:
             return self.registry.update_run(self.run_id, **fields)
         self.run_dir.mkdir(parents=True, exist_ok=False)
         write_json(self.run_dir / "config.json", self.config.to_dict())
+        write_json(self.run_dir / "adapter_config.json", self.adapter_config())  # what `checkpoints promote` registers with
         return self.registry.start_run({
             "id": self.run_id, "name": self.config.name, "step": 0, "iters": self.config.iters, "config": self.config.to_dict(),
             "config_sha256": self.config.sha256(), "dir": str(self.run_dir),
@@ -209,7 +221,14 @@ class Trainer:
         for _ in range(start_step):
             next(batches)  # the data position is the step: replay the order, skip what was trained
 
-        loss_value_and_grad = nn.value_and_grad(model, default_loss)
+        if self.loreft:
+            from .. import loreft
+
+            loss_fn = loreft.loss
+        else:
+            loss_fn = default_loss
+        self.loss_fn = loss_fn
+        loss_value_and_grad = nn.value_and_grad(model, loss_fn)
         state = [model.state, optimizer.state, mx.random.state]
 
         @partial(mx.compile, inputs=state, outputs=state)
@@ -228,7 +247,7 @@ class Trainer:
             if valid_set is None:
                 return None
             np.random.seed(config.seed + at)  # evaluation order must not depend on when a run restarted
-            value = evaluate(model=model, dataset=valid_set, loss=default_loss, batch_size=config.batch_size,
+            value = evaluate(model=model, dataset=valid_set, loss=loss_fn, batch_size=config.batch_size,
                              num_batches=config.val_batches, max_seq_length=config.max_seq_length)
             model.train()
             return float(value)
@@ -247,6 +266,8 @@ class Trainer:
             mx.random.seed(config.seed * 1_000_003 + it)  # dropout masks depend on the step alone
             value, tokens, accumulated = step(next(batches), accumulated, it % config.grad_accumulation_steps == 0)
             mx.eval(state, value, tokens, accumulated)
+            if self.loreft and it % config.grad_accumulation_steps == 0:
+                loreft.retract(model)  # back onto orthonormal rows after each update
             elapsed = time.perf_counter() - tic
             window_loss += value.item()
             window_tokens += tokens.item()
@@ -285,6 +306,25 @@ class Trainer:
                          dict(tree_flatten(optimizer.state)), metadata)
         return checkpoints.prune(self.run_dir, self.config.keep_last, self.config.keep_best, self.config.keep_every)
 
+    def adapter_config(self) -> dict:
+        return self.config.adapter_config(self.loreft.to_dict() if self.loreft else None)
+
+    def _test_loss(self, model) -> dict:
+        """Loss and perplexity on test.jsonl (up to --val-batches batches), as mlx_lm.lora --test reports them."""
+        import math
+
+        import numpy as np
+        from mlx_lm.tuner.trainer import evaluate
+
+        if self.test_set is None:
+            return {}
+        np.random.seed(self.config.seed)
+        model.eval()
+        value = float(evaluate(model=model, dataset=self.test_set, loss=self.loss_fn, batch_size=self.config.batch_size,
+                               num_batches=self.config.val_batches, max_seq_length=self.config.max_seq_length))
+        self.report({"event": "test", "test_loss": value, "test_perplexity": math.exp(value)})
+        return {"test_loss": round(value, 6), "test_perplexity": round(math.exp(value), 4)}
+
     def _finish(self, model, losses: dict, trained_tokens: int, train_seconds: float):
         import mlx.core as mx
         from mlx.utils import tree_flatten
@@ -294,10 +334,11 @@ class Trainer:
         tmp = folder / ".adapters.tmp.safetensors"
         mx.save_safetensors(str(tmp), dict(tree_flatten(model.trainable_parameters())))
         os.replace(tmp, folder / "adapters.safetensors")
-        write_json(folder / "adapter_config.json", self.config.adapter_config())
+        write_json(folder / "adapter_config.json", self.adapter_config())
+        test = self._test_loss(model)
         started = datetime.fromisoformat(self.registry.run(self.run_id)["started_at"].replace("Z", "+00:00"))
         wall = (datetime.now(timezone.utc) - started).total_seconds()
-        training = {"tool": "adapterhub", "hyperparameters": self.config.adapter_config(), "losses": losses,
+        training = {"tool": "adapterhub", "hyperparameters": self.adapter_config(), "losses": losses, **test,
                     "trained_tokens": trained_tokens, "train_seconds": round(train_seconds, 3),
                     "wall_seconds": round(wall, 1), "run_id": self.run_id,
                     "versions": _versions(), "config_sha256": self.config.sha256()}

@@ -1,0 +1,249 @@
+"""LoReFT on MLX: a low-rank edit of hidden states at chosen layers and prompt positions.
+
+    h <- h + Rᵀ(act(W h + b) − R h)        R: (r, d) with orthonormal rows; W: (r, d), b: (r,)
+
+as pyreft's `LoreftIntervention`, applied to a decoder layer's output (pyreft's
+`block_output`) at the first / last prompt tokens (`f1+l1`: the first token and
+the last one). R is kept orthonormal by a QR retraction after every optimizer
+step. Generated tokens are never intervened: only the prompt's positions, during
+prefill, as in pyreft.
+
+Usable without the CLI:
+
+    model, tokenizer = mlx_lm.load(path)
+    apply(model, LoReFTConfig(layers=[2, 3], rank=4, positions="f1+l1"))
+    set_prompt_lengths(model, mx.array([prompt_length]))   # before a forward over prompts
+    ...
+    text = generate(model, tokenizer, prompt)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import AdapterHubError
+
+ACTIVATIONS = {"linear": lambda x: x, "relu": nn.relu, "gelu": nn.gelu, "tanh": mx.tanh, "silu": nn.silu}
+_POSITIONS = re.compile(r"^(?:f(\d+))?\+?(?:l(\d+))?$")
+
+
+def parse_positions(text: str) -> tuple[int, int]:
+    """pyreft's notation -> (first n prompt tokens, last n prompt tokens): `f1+l1`, `f3+l3`, `l1`, `f2`."""
+    match = _POSITIONS.match(text.strip().lower())
+    first, last = (int(g) if g else 0 for g in match.groups()) if match else (0, 0)
+    if not match or (first == 0 and last == 0) or text.strip().startswith("+") or text.strip().endswith("+"):
+        raise AdapterHubError(f"--positions '{text}' is not pyreft's notation",
+                              hint="write f<N>+l<M> (first N and last M prompt tokens), e.g. f1+l1, f3+l3, or l1")
+    return first, last
+
+
+def parse_layers(text: str | list, num_layers: int | None = None) -> list[int]:
+    """`8;16`, `8,16`, a list, or `all` (needs the model's layer count)."""
+    if isinstance(text, list):
+        return sorted({int(i) for i in text})
+    if str(text).strip().lower() == "all":
+        if num_layers is None:
+            raise AdapterHubError("--layers all needs the model's layer count", hint="give explicit layers, e.g. 2;3")
+        return list(range(num_layers))
+    try:
+        layers = sorted({int(p) for p in re.split(r"[;,\s]+", str(text).strip()) if p})
+    except ValueError:
+        raise AdapterHubError(f"--layers '{text}' is not a list of layer indices", hint="write e.g. 8;16, or all") from None
+    if not layers or layers[0] < 0:
+        raise AdapterHubError(f"--layers '{text}' names no valid layer", hint="write e.g. 8;16, or all")
+    return layers
+
+
+@dataclass(frozen=True)
+class LoReFTConfig:
+    layers: list[int]
+    rank: int = 4
+    positions: str = "f1+l1"
+    share_weights: bool = False
+    dropout: float = 0.0
+    activation: str = "linear"
+    hidden_size: int | None = field(default=None)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def interventions_per_layer(self) -> int:
+        first, last = parse_positions(self.positions)
+        return 1 if self.share_weights or not (first and last) else 2
+
+
+class LoReFTIntervention(nn.Module):
+    """h + Rᵀ(act(W h + b) − R h), with R's rows orthonormal."""
+
+    def __init__(self, hidden_size: int, rank: int, dropout: float = 0.0, activation: str = "linear"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise AdapterHubError(f"activation '{activation}' is not one of {', '.join(ACTIVATIONS)}", hint="use linear (pyreft's default)")
+        if not 1 <= rank <= hidden_size:
+            raise AdapterHubError(f"LoReFT rank {rank} must be between 1 and the hidden size {hidden_size}", hint="lower --rank")
+        # Orthonormal rows from the QR of a random matrix, as pyreft initialises its rotation.
+        q, _ = mx.linalg.qr(mx.random.normal((hidden_size, rank)), stream=mx.cpu)
+        self.rotate = q.T
+        self.learned_source = nn.Linear(hidden_size, rank)
+        self.dropout = nn.Dropout(dropout)
+        self._activation = activation
+
+    def delta(self, h: mx.array) -> mx.array:
+        rotate = self.rotate.astype(h.dtype)
+        edit = ACTIVATIONS[self._activation](self.learned_source(h).astype(h.dtype)) - h @ rotate.T
+        return self.dropout(edit @ rotate)
+
+    def __call__(self, h: mx.array) -> mx.array:
+        return h + self.delta(h)
+
+    def retract(self) -> None:
+        """Back onto orthonormal rows after an optimizer step (QR, signs fixed so R moves continuously)."""
+        q, r = mx.linalg.qr(self.rotate.T.astype(mx.float32), stream=mx.cpu)
+        signs = mx.where(mx.diagonal(r) < 0, -1.0, 1.0)
+        self.rotate = (q * signs).T.astype(self.rotate.dtype)
+
+
+class LoReFTLayer(nn.Module):
+    """A decoder layer whose output is edited at the prompt positions the model was last told about."""
+
+    def __init__(self, layer: nn.Module, config: LoReFTConfig, hidden_size: int):
+        super().__init__()
+        self.layer = layer
+        first, last = parse_positions(config.positions)
+        self.first, self.last = first, last
+        self.interventions = [LoReFTIntervention(hidden_size, config.rank, config.dropout, config.activation)
+                              for _ in range(config.interventions_per_layer)]
+        self._prompt_lengths: mx.array | None = None
+
+    def __getattr__(self, key: str):
+        # Models read attributes of their layers (e.g. `use_sliding`): answer for the wrapped one.
+        try:
+            return super().__getattr__(key)
+        except AttributeError:
+            if "layer" not in self:
+                raise
+            return getattr(self["layer"], key)
+
+    def masks(self, length: int) -> list[mx.array]:
+        """(batch, length, 1) masks of the positions each intervention edits."""
+        prompt = self._prompt_lengths[:, None]
+        pos = mx.arange(length)[None, :]
+        first = (pos < mx.minimum(prompt, self.first)) if self.first else None
+        last = ((pos >= prompt - self.last) & (pos < prompt)) if self.last else None
+        chosen = [m for m in (first, last) if m is not None]
+        if len(self.interventions) == 1 and len(chosen) == 2:
+            chosen = [chosen[0] | chosen[1]]  # shared weights: one intervention over both sets of positions
+        return [m[..., None] for m in chosen]
+
+    def __call__(self, x, *args, **kwargs):
+        h = self.layer(x, *args, **kwargs)
+        if self._prompt_lengths is None:
+            return h  # decoding: generated tokens are not intervened
+        out = h
+        for intervention, mask in zip(self.interventions, self.masks(h.shape[1])):
+            out = out + mask.astype(h.dtype) * intervention.delta(h)
+        return out
+
+
+def _layers(model) -> list:
+    return model.layers
+
+
+def hidden_size_of(model) -> int:
+    args = getattr(model, "args", None)
+    size = getattr(args, "hidden_size", None)
+    if size is None:
+        raise AdapterHubError("cannot tell this model's hidden size", hint="LoReFT needs a model whose args give hidden_size")
+    return size
+
+
+def apply(model, config: LoReFTConfig) -> list[LoReFTLayer]:
+    """Freeze the model and wrap the chosen decoder layers; only the interventions train."""
+    layers = _layers(model)
+    beyond = [i for i in config.layers if i >= len(layers)]
+    if beyond:
+        raise AdapterHubError(f"--layers {beyond} beyond the model's {len(layers)} layers (0–{len(layers) - 1})",
+                              hint="pick layers the base has")
+    model.freeze()
+    hidden = hidden_size_of(model)
+    wrapped = []
+    for i in config.layers:
+        layers[i] = LoReFTLayer(layers[i], config, hidden)
+        wrapped.append(layers[i])
+    return wrapped
+
+
+def wrapped_layers(model) -> list[LoReFTLayer]:
+    return [layer for layer in _layers(model) if isinstance(layer, LoReFTLayer)]
+
+
+def set_prompt_lengths(model, prompt_lengths: mx.array | None) -> None:
+    """Tell every intervention where the prompts end (tokens per row); None turns interventions off."""
+    for layer in wrapped_layers(model):
+        layer._prompt_lengths = prompt_lengths
+
+
+def retract(model) -> None:
+    for layer in wrapped_layers(model):
+        for intervention in layer.interventions:
+            intervention.retract()
+
+
+def loss(model, batch, lengths):
+    """mlx-lm's loss on the completion only, with interventions at each row's prompt positions."""
+    from mlx_lm.tuner.trainer import default_loss
+
+    set_prompt_lengths(model, lengths[:, 0])  # the offset where the completion starts = prompt tokens
+    return default_loss(model, batch, lengths)
+
+
+def load(model, weights: dict, config: LoReFTConfig) -> None:
+    apply(model, config)
+    model.load_weights(list(weights.items()), strict=False)
+    model.eval()
+
+
+def config_from(parameters: dict) -> LoReFTConfig:
+    """A LoReFTConfig from `loreft_parameters` (adapter_config.json) or a version record's `loreft`."""
+    return LoReFTConfig(**{k: parameters[k] for k in ("layers", "rank", "positions", "share_weights", "dropout",
+                                                      "activation", "hidden_size") if k in parameters})
+
+
+def load_folder(model, folder) -> LoReFTConfig:
+    """Apply an exported LoReFT folder (adapter_config.json + adapters.safetensors) to a loaded mlx-lm model."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    if config.get("fine_tune_type") != "loreft":
+        raise AdapterHubError(f"{folder} is not a LoReFT adapter folder", hint="load LoRA/DoRA folders with mlx_lm.load(adapter_path=...)")
+    parameters = config_from(config["loreft_parameters"])
+    load(model, mx.load(str(Path(folder) / "adapters.safetensors")), parameters)
+    return parameters
+
+
+def generate(model, tokenizer, prompt: str, max_tokens: int = 100) -> str:
+    """Greedy decoding: the whole prompt in one prefill with interventions, then plain decoding."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    tokens = tokenizer.encode(prompt)
+    cache = make_prompt_cache(model)
+    set_prompt_lengths(model, mx.array([len(tokens)]))
+    logits = model(mx.array([tokens]), cache=cache)
+    set_prompt_lengths(model, None)
+    generated = []
+    token = mx.argmax(logits[:, -1, :], axis=-1)
+    eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
+    for _ in range(max_tokens):
+        value = token.item()
+        if value in eos:
+            break
+        generated.append(value)
+        logits = model(token[None], cache=cache)
+        token = mx.argmax(logits[:, -1, :], axis=-1)
+    return tokenizer.decode(generated)

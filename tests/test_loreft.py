@@ -1,0 +1,142 @@
+"""LoReFT: training lowers the loss, R stays orthonormal, edits land only where asked, and it round-trips."""
+
+import json
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+
+from adapterhub import loreft
+from adapterhub.tinymodel import write_dataset
+from tests.conftest import snapshot
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data") / "colours", seed=3, style="colours")
+
+
+@pytest.fixture
+def trained(cli, registry, tiny_model, colours):
+    code, out, err = cli("--json", "train", "--kind", "loreft", "--base", tiny_model, "--data", colours, "--name", "reft",
+                         "--layers", "2;3", "--rank", "4", "--positions", "f1+l1", "--iters", "30", "--learning-rate", "5e-3",
+                         "--val-batches", "4", "--steps-per-eval", "10", "--save-every", "10", "--seed", "1")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def hidden_states(model, tokens, upto_layer):
+    """Each decoder layer's output, as the model computes it."""
+    from mlx_lm.models.base import create_attention_mask
+
+    h = model.model.embed_tokens(tokens)
+    mask = create_attention_mask(h, None)
+    outputs = []
+    for layer in model.model.layers[: upto_layer + 1]:
+        h = layer(h, mask, None)
+        outputs.append(h)
+    return outputs
+
+
+def test_training_lowers_validation_loss_and_registers_a_loreft_version(trained, registry):
+    val = trained["training"]["losses"]["val"]
+    assert val[-1][1] < val[0][1] * 0.9
+    assert trained["kind"] == "loreft" and trained["layers"] == [2, 3] and trained["targets"] == ["block_output"]
+    assert trained["loreft"] == {"layers": [2, 3], "rank": 4, "positions": "f1+l1", "share_weights": False, "dropout": 0.0,
+                                 "activation": "linear", "hidden_size": 64, "interventions": 2}
+    # 2 layers x 2 interventions x (R: 4x64, W: 4x64, b: 4)
+    assert trained["num_parameters"] == 2 * 2 * (4 * 64 * 2 + 4)
+    assert trained["training"]["test_perplexity"] > 1 and trained["training"]["test_loss"] > 0
+
+
+def test_rotation_rows_stay_orthonormal(trained, registry):
+    weights = mx.load(str(registry.objects.path(trained["sha256"])), format="safetensors")
+    rotations = [v for k, v in weights.items() if k.endswith(".rotate")]
+    assert len(rotations) == 4
+    for r in rotations:
+        assert mx.allclose(r @ r.T, mx.eye(r.shape[0]), atol=1e-5).item()
+
+
+def test_intervention_changes_hidden_states_only_at_the_chosen_positions(tiny_model):
+    from mlx_lm import load
+
+    model, _ = load(str(tiny_model))
+    plain = hidden_states(model, mx.array([[1, 5, 9, 12, 7, 3, 8, 4]]), 3)
+    mx.random.seed(0)
+    loreft.apply(model, loreft.LoReFTConfig(layers=[1], rank=4, positions="f2+l1", hidden_size=64))
+    prompt_length = 6  # positions 6 and 7 are the completion
+    loreft.set_prompt_lengths(model, mx.array([prompt_length]))
+    edited = hidden_states(model, mx.array([[1, 5, 9, 12, 7, 3, 8, 4]]), 3)
+    assert mx.array_equal(edited[0], plain[0]).item()  # layer 0: before the intervention
+    changed = [not mx.allclose(edited[1][0, p], plain[1][0, p], atol=1e-6).item() for p in range(8)]
+    assert changed == [True, True, False, False, False, True, False, False]  # f2 = 0, 1; l1 = 5 (the prompt's last)
+    # With no prompt set (decoding), nothing is edited.
+    loreft.set_prompt_lengths(model, None)
+    assert all(mx.array_equal(a, b).item() for a, b in zip(hidden_states(model, mx.array([[1, 5, 9]]), 3),
+                                                            hidden_states(model, mx.array([[1, 5, 9]]), 3)))
+
+
+def test_shared_weights_use_one_intervention_per_layer(tiny_model):
+    from mlx_lm import load
+
+    model, _ = load(str(tiny_model))
+    loreft.apply(model, loreft.LoReFTConfig(layers=[0, 2], rank=2, positions="f1+l1", share_weights=True, hidden_size=64))
+    names = [k for k, _ in tree_flatten(model.trainable_parameters())]
+    assert sorted({k.split(".interventions.")[1].split(".")[0] for k in names}) == ["0"]
+    assert len(names) == 2 * 3
+
+
+def test_save_load_generate_gives_the_in_memory_tokens(cli, registry, trained, tiny_model, tmp_path):
+    from mlx_lm import load
+
+    from adapterhub.generation import load_loreft
+
+    prompt = "what colour is the grass ?"
+    code, out, err = cli("--json", "generate", "reft", "--prompt", prompt, "--max-tokens", "6")
+    assert code == 0, err
+    from_cli = json.loads(out)["text"]
+    model, tokenizer = load(str(tiny_model))
+    in_memory = loreft.generate(load_loreft(registry, registry.resolve("reft"), model), tokenizer, prompt, 6)
+    assert from_cli == in_memory
+    # The exported folder loads in the library on its own, and generates the same.
+    assert cli("export", "reft", tmp_path / "exported")[0] == 0
+    model, tokenizer = load(str(tiny_model))
+    loreft.load_folder(model, tmp_path / "exported")
+    assert loreft.generate(model, tokenizer, prompt, 6) == in_memory
+    plain, _ = load(str(tiny_model))
+    tokens = mx.array([tokenizer.encode(prompt)])
+    loreft.set_prompt_lengths(model, mx.array([tokens.shape[1]]))
+    assert not mx.allclose(model(tokens), plain(tokens), atol=1e-4).item()  # the adapter does something
+
+
+def test_fuse_stack_and_peft_export_refuse_loreft(cli, registry, trained, tiny_model, tmp_path):
+    before = snapshot(registry.root)
+    for args, message in [
+        (("fuse", "reft", "--base", tiny_model, "--out", tmp_path / "fused"), "not a weight update"),
+        (("stack", "reft", "reft", "--name", "both"), "not a weight update"),
+        (("export", "reft", tmp_path / "peft", "--format", "peft"), "PEFT's LoRA format cannot hold"),
+    ]:
+        code, _, err = cli(*args)
+        assert code == 1 and message in err and "Traceback" not in err, args
+    assert snapshot(registry.root) == before and not (tmp_path / "fused").exists()
+
+
+def test_check_validates_layers_and_hidden_size(cli, registry, trained, tmp_path):
+    from adapterhub.tinymodel import write_model
+
+    shallow = write_model(tmp_path / "shallow", seed=0, num_layers=2)
+    code, out, _ = cli("check", "reft", "--base", shallow)
+    assert code == 1 and "adapter touches layer(s) 2, 3 but the base has 2 layers" in out
+
+
+def test_loreft_options_are_checked_before_training(cli, registry, tiny_model, colours, tiny_data):
+    common = ("train", "--kind", "loreft", "--base", tiny_model, "--name", "bad", "--iters", "2")
+    for extra, message in [
+        (("--data", colours), "--kind loreft needs --layers"),
+        (("--data", colours, "--layers", "2", "--positions", "x3"), "is not pyreft's notation"),
+        (("--data", colours, "--layers", "9"), "beyond the model's 4 layers"),
+        (("--data", tiny_data, "--layers", "2"), "prompt"),  # text data has no prompt to edit
+    ]:
+        code, _, err = cli(*common, *extra)
+        assert code == 1 and message in err, (extra, err)
+    assert registry.list() == []
