@@ -141,7 +141,7 @@ def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
     _cli(registry, "import", str(peft), "--name", "tiny-trained-from-peft", quiet=quiet)
     _cli(registry, "push", "tiny-trained@2", "you/tiny-trained", "--dry-run", quiet=quiet)
 
-    _step("11. LoReFT: edit hidden states at the prompt's last token; it cannot be fused", quiet)
+    _step("11. LoReFT: edit hidden states at the prompt's first and last tokens; it cannot be fused", quiet)
     _cli(registry, "train", "--kind", "loreft", "--data", str(colours), "--name", "tiny-colours-reft", "--layers", "2;3",
          "--rank", "4", "--positions", "f1+l1", "--iters", "30", "--learning-rate", "5e-3", "--base", "tiny-llama",
          "--val-batches", "4", "--steps-per-eval", "10", "--steps-per-report", "10", "--save-every", "10", quiet=quiet)
