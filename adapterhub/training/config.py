@@ -59,20 +59,17 @@ class TrainConfig:
 
         A LoReFT adapter (`loreft`: its resolved parameters) is ours alone: mlx-lm cannot load it.
         """
-        if self.kind == "loreft":
-            return {"fine_tune_type": "loreft", "iters": self.iters, "batch_size": self.batch_size,
-                    "learning_rate": self.learning_rate, "lr_schedule": self.lr_schedule, "optimizer": self.optimizer,
-                    "max_seq_length": self.max_seq_length, "grad_accumulation_steps": self.grad_accumulation_steps,
-                    "mask_prompt": True, "seed": self.seed, "steps_per_eval": self.steps_per_eval,
-                    "val_batches": self.val_batches, "save_every": self.save_every, "loreft_parameters": loreft}
-        return {
-            "fine_tune_type": self.kind, "num_layers": self.num_layers, "iters": self.iters, "batch_size": self.batch_size,
+        training = {
+            "fine_tune_type": self.kind, "iters": self.iters, "batch_size": self.batch_size,
             "learning_rate": self.learning_rate, "lr_schedule": self.lr_schedule, "optimizer": self.optimizer,
             "max_seq_length": self.max_seq_length, "grad_accumulation_steps": self.grad_accumulation_steps,
             "mask_prompt": self.mask_prompt, "seed": self.seed, "steps_per_eval": self.steps_per_eval,
             "val_batches": self.val_batches, "save_every": self.save_every,
-            "lora_parameters": {"rank": self.rank, "scale": self.scale, "dropout": self.dropout},
         }
+        if self.kind == "loreft":
+            return {**training, "loreft_parameters": loreft}
+        return {**training, "num_layers": self.num_layers,
+                "lora_parameters": {"rank": self.rank, "scale": self.scale, "dropout": self.dropout}}
 
     def check(self) -> None:
         problems = []

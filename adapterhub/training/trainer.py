@@ -109,19 +109,19 @@ class Trainer:
         config = self.config
         mx.random.seed(config.seed)
         model, tokenizer = load(str(self.base_path))
-        self.loreft = None
+        self.loreft_config = None
         if config.kind == "loreft":
             from .. import loreft
 
-            self.loreft = loreft.LoReFTConfig(
+            self.loreft_config = loreft.LoReFTConfig(
                 layers=loreft.parse_layers(config.layers, len(model.layers)), rank=config.rank, positions=config.positions,
                 share_weights=config.share_weights, dropout=config.dropout, activation=config.activation,
                 hidden_size=loreft.hidden_size_of(model))
-            loreft.apply(model, self.loreft)
-        elif config.num_layers > len(model.layers):
-            raise IncompatibleError(f"--num-layers {config.num_layers} but the base has {len(model.layers)} layers",
-                                    hint=f"pass --num-layers {len(model.layers)} or fewer (-1 for all)")
-        if not self.loreft:
+            loreft.apply(model, self.loreft_config)
+        else:
+            if config.num_layers > len(model.layers):
+                raise IncompatibleError(f"--num-layers {config.num_layers} but the base has {len(model.layers)} layers",
+                                        hint=f"pass --num-layers {len(model.layers)} or fewer (-1 for all)")
             model.freeze()
             linear_to_lora_layers(model, config.num_layers, {"rank": config.rank, "scale": config.scale, "dropout": config.dropout},
                                   use_dora=config.kind == "dora")
@@ -204,7 +204,7 @@ class Trainer:
         import mlx.nn as nn
         import numpy as np
         from mlx.utils import tree_map, tree_unflatten
-        from mlx_lm.tuner.trainer import default_loss, evaluate, iterate_batches
+        from mlx_lm.tuner.trainer import evaluate, iterate_batches
 
         config = self.config
         start_step, losses = 0, record.get("losses") or {"train": [], "val": []}
@@ -221,13 +221,7 @@ class Trainer:
         for _ in range(start_step):
             next(batches)  # the data position is the step: replay the order, skip what was trained
 
-        if self.loreft:
-            from .. import loreft
-
-            loss_fn = loreft.loss
-        else:
-            loss_fn = default_loss
-        self.loss_fn = loss_fn
+        loss_fn = self.loss_fn
         loss_value_and_grad = nn.value_and_grad(model, loss_fn)
         state = [model.state, optimizer.state, mx.random.state]
 
@@ -266,7 +260,9 @@ class Trainer:
             mx.random.seed(config.seed * 1_000_003 + it)  # dropout masks depend on the step alone
             value, tokens, accumulated = step(next(batches), accumulated, it % config.grad_accumulation_steps == 0)
             mx.eval(state, value, tokens, accumulated)
-            if self.loreft and it % config.grad_accumulation_steps == 0:
+            if self.loreft_config and it % config.grad_accumulation_steps == 0:
+                from .. import loreft
+
                 loreft.retract(model)  # back onto orthonormal rows after each update
             elapsed = time.perf_counter() - tic
             window_loss += value.item()
@@ -307,7 +303,18 @@ class Trainer:
         return checkpoints.prune(self.run_dir, self.config.keep_last, self.config.keep_best, self.config.keep_every)
 
     def adapter_config(self) -> dict:
-        return self.config.adapter_config(self.loreft.to_dict() if self.loreft else None)
+        return self.config.adapter_config(self.loreft_config.to_dict() if self.loreft_config else None)
+
+    @property
+    def loss_fn(self):
+        """mlx-lm's loss; LoReFT's sets each row's prompt positions first."""
+        if self.loreft_config:
+            from .. import loreft
+
+            return loreft.loss
+        from mlx_lm.tuner.trainer import default_loss
+
+        return default_loss
 
     def _test_loss(self, model) -> dict:
         """Loss and perplexity on test.jsonl (up to --val-batches batches), as mlx_lm.lora --test reports them."""
