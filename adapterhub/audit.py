@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .fingerprint import hash_files
-from .lineage import RECORD_FILE, Lineage, Node, ancestors
-from .registry import Registry
+from .lineage import Lineage, Node, ancestors
+from .registry import RECORD_FILE, Registry
 from .store import read_json
 
 STATUSES = ("ok", "changed", "missing", "unchecked")

@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 
 from .lineage import Node, Walker, ancestors, to_tree, walk_up
-from .registry import AdapterVersion, Registry
+from .registry import RECORD_FILE, AdapterVersion, Registry
+from .store import read_json
 
 LOSS_ROWS = 12  # a loss curve in a card is a glance, not the log
 
@@ -121,9 +122,6 @@ def fused_card(registry: Registry, record: dict, folder: Path) -> str:
 
 def card(registry: Registry, target: str) -> str:
     """The card for a version ref, or for a fused model folder."""
-    from .lineage import RECORD_FILE
-    from .store import read_json
-
     path = Path(target).expanduser()
     if path.is_dir():
         record = read_json(path / RECORD_FILE)

@@ -13,12 +13,8 @@ from pathlib import Path
 from .card import adapter_card
 from .errors import AdapterHubError
 from .formats import peft as peft_format
-from .lineage import RECORD_FILE
-from .registry import Registry
+from .registry import RECORD_FILE, Registry
 from .store import atomic_write, staged_folder, write_json
-
-FORMATS = ("mlx", "peft")
-
 
 def export(registry: Registry, ref: str, out_dir: Path | str, format: str = "mlx") -> list[Path]:
     """Write the folder; mlx weights are byte-identical to what was imported, PEFT's are their exact transpose."""

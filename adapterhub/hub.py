@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import AdapterHubError, NotFoundError
-from .registry import RECORD_FILE, AdapterVersion, Registry
-from .store import read_json
+from .registry import AdapterVersion, Registry
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -114,15 +113,9 @@ def pull(registry: Registry, repo_id: str, name: str, revision: str | None = Non
         raise NotFoundError(f"{repo_id}@{commit[:12]} holds no adapters.safetensors or adapter_model.safetensors",
                             hint="pull a repo that holds an mlx-lm or PEFT adapter")
     sha256 = hf_cache_sha256(weights) or sha256_file(weights)
+    # import adds imported-from when the repo's adapterhub.json is proven by the weights, and takes the base
+    # that record names when it is registered here.
     parents = [{"ref": f"hf://{repo_id}@{commit}", "sha256": sha256, "relation": "pulled-from"}]
-    origin = read_json(folder / RECORD_FILE)
-    if isinstance(origin, dict) and origin.get("sha256") and origin.get("ref"):
-        if origin["sha256"] == sha256:
-            parents.append({"ref": origin["ref"], "sha256": origin["sha256"], "relation": "imported-from"})
-        if base is None and origin.get("base"):
-            # The record names the base by content; it is used when that very model is registered here.
-            known = next((b for b in registry.bases() if b["sha256"] == origin["base"]["sha256"]), None)
-            base = known["name"] if known else None
     version, created = registry.import_adapter(folder, name, base=base, tags=tags, parents=parents,
                                                description=f"pulled from {repo_id}@{commit[:12]}")
     return version, created, commit

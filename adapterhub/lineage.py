@@ -20,7 +20,6 @@ from pathlib import Path
 from .errors import AdapterHubError, NotFoundError
 from .registry import RECORD_FILE, VERSION_RELATIONS, AdapterVersion, Registry
 from .store import read_json
-FORMATS = ("tree", "json", "dot", "mermaid")
 
 
 @dataclass
@@ -43,7 +42,11 @@ class Node:
             "checkpoint": f"checkpoint {self.label}",
             "remote": f"source {self.label}",
         }[self.kind]
-        return f"{what}  sha256:{self.sha256[:12]}" + ("" if self.found else "  (not in this registry)")
+        return f"{what}  sha256:{self.short_sha}" + ("" if self.found else "  (not in this registry)")
+
+    @property
+    def short_sha(self) -> str:
+        return self.sha256[:12] or "unknown"
 
     def to_dict(self) -> dict:
         where = self.record.get("path")
@@ -175,7 +178,8 @@ class Walker:
 
     def _parent_by_ref(self, ref: str) -> Node:
         version = self._version(ref)
-        return self.adapter(version) if version else Node(f"adapter:{ref}", "adapter", ref, "0" * 64, False)
+        # A checkpoint names its parent by ref alone: a removed parent's hash is unknown, never made up.
+        return self.adapter(version) if version else Node(f"adapter:{ref}", "adapter", ref, "", False)
 
     def every_child(self):
         """Every node that can have origins: all versions, all fused models."""
@@ -298,7 +302,7 @@ def to_dot(lineage: Lineage) -> str:
     lines = ["digraph lineage {", "  rankdir=BT;", '  node [fontname="Helvetica", fontsize=10];',
              '  edge [fontname="Helvetica", fontsize=9];']
     for node in lineage.nodes.values():
-        label = f"{node.kind}\n{node.label}\nsha256 {node.sha256[:12]}" + ("" if node.found else "\n(not in this registry)")
+        label = f"{node.kind}\n{node.label}\nsha256 {node.short_sha}" + ("" if node.found else "\n(not in this registry)")
         lines.append(f"  {_dot_string(node.id)} [label={_dot_string(label)}, tooltip={_dot_string(node.sha256)}, "
                      f"{_DOT_STYLE[node.kind]}{'' if node.found else ', color=red'}];")
     for e in lineage.edges:
@@ -318,7 +322,7 @@ def to_mermaid(lineage: Lineage) -> str:
               "checkpoint": ('>"', '"]'), "remote": ('{{"', '"}}')}
     for node_id, node in lineage.nodes.items():
         opening, closing = shapes[node.kind]
-        label = "<br/>".join(_mermaid_text(t) for t in (node.kind, node.label, f"sha256 {node.sha256[:12]}"))
+        label = "<br/>".join(_mermaid_text(t) for t in (node.kind, node.label, f"sha256 {node.short_sha}"))
         lines.append(f"  {ids[node_id]}{opening}{label}{closing}")
     for e in lineage.edges:
         lines.append(f"  {ids[e.child]} -->|{_mermaid_text(e.relation)}| {ids[e.parent]}")

@@ -368,10 +368,14 @@ class Registry:
         tags = dict(tags or {})
         naming.check_tags(tags)
         parsed = mlx_format.read_adapter_folder(Path(folder), checkpoint)
+        origin = None if checkpoint else _origin(Path(folder))
+        if base is None and origin and origin.get("base"):
+            # The record names its base by content: used when that very model is registered here.
+            known = next((b for b in self.bases() if b["sha256"] == origin["base"]["sha256"]), None)
+            base = known["name"] if known else None
         base_fp, base_record = self.resolve_base(base) if base else (None, None)
         dataset_fp = fingerprint_dataset(Path(dataset), self._hash_cache) if dataset else None
         parent_version = self.resolve(parent) if parent else None
-        origin = read_json(Path(folder) / RECORD_FILE) if not checkpoint else None
         base_name = base_record["name"] if base_record else (naming.suggest_name(Path(base).resolve().name) if base else None)
         naming.check_name(name, self.policy, tags, base_name)
         if base_fp:
@@ -422,10 +426,9 @@ class Registry:
             existing = [v for v in versions if v["sha256"] == weights[0]]
             if existing:
                 return self._version_obj(existing[0]), False
-            if (parents is None and not parent_version and isinstance(origin, dict) and origin.get("ref")
-                    and origin.get("sha256") == weights[0]):
+            if origin and not parent_version and origin["sha256"] == weights[0]:
                 # An exported folder names the version it was exported from; the same weights prove the claim.
-                parents = [{"ref": origin["ref"], "sha256": origin["sha256"], "relation": "imported-from"}]
+                parents = [*(parents or []), _imported_from(origin)]
             config = self.objects.put_file(parsed.config_path)
             base_record = self._register_base(base_fp, None, Path(base)) if base_fp and not base_record else base_record
             dataset_record = self._register_dataset(dataset_fp, Path(dataset)) if dataset_fp else None
@@ -449,10 +452,10 @@ class Registry:
                     base = config["base_model_name_or_path"]
                 except AdapterHubError:
                     pass
-            origin = read_json(folder / RECORD_FILE)
-            if parents is None and not parent and isinstance(origin, dict) and self._same_tensors(origin, Path(scratch)):
+            origin = _origin(folder)
+            if origin and not parent and self._same_tensors(origin, Path(scratch)):
                 # Exported from a version here: the converted tensors are that version's, bit for bit.
-                parents = [{"ref": origin["ref"], "sha256": origin["sha256"], "relation": "imported-from"}]
+                parents = [*(parents or []), _imported_from(origin)]
             hyperparameters = {k: config[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora",
                                                       "use_dora", "base_model_name_or_path", "peft_version") if k in config}
             return self.import_adapter(Path(scratch), name, base, dataset, parent, relation, tags, description,
@@ -464,10 +467,10 @@ class Registry:
         from .safetensors_io import read_bits
 
         try:
-            version = self.resolve(origin.get("ref", ""))
+            version = self.resolve(origin["ref"])
         except AdapterHubError:
             return False
-        if version.sha256 != origin.get("sha256"):
+        if version.sha256 != origin["sha256"]:
             return False
         ours, theirs = read_header(folder / mlx_format.WEIGHTS_FILE), read_header(self.objects.path(version.sha256))
         if ours.structure() != theirs.structure():
@@ -754,6 +757,16 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
     except OSError:
         return False
+
+
+def _origin(folder: Path) -> dict | None:
+    """The version record an exported folder carries (adapterhub.json), if any."""
+    record = read_json(folder / RECORD_FILE)
+    return record if isinstance(record, dict) and record.get("ref") and record.get("sha256") else None
+
+
+def _imported_from(origin: dict) -> dict:
+    return {"ref": origin["ref"], "sha256": origin["sha256"], "relation": "imported-from"}
 
 
 def _base_ref(record: dict) -> dict:
