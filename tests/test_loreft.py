@@ -70,10 +70,10 @@ def test_intervention_changes_hidden_states_only_at_the_chosen_positions(tiny_mo
     assert mx.array_equal(edited[0], plain[0]).item()  # layer 0: before the intervention
     changed = [not mx.allclose(edited[1][0, p], plain[1][0, p], atol=1e-6).item() for p in range(8)]
     assert changed == [True, True, False, False, False, True, False, False]  # f2 = 0, 1; l1 = 5 (the prompt's last)
-    # With no prompt set (decoding), nothing is edited.
+    # With no prompt set (decoding), nothing is edited: every layer equals the plain model's.
     loreft.set_prompt_lengths(model, None)
-    assert all(mx.array_equal(a, b).item() for a, b in zip(hidden_states(model, mx.array([[1, 5, 9]]), 3),
-                                                            hidden_states(model, mx.array([[1, 5, 9]]), 3)))
+    assert all(mx.array_equal(a, b).item() for a, b in zip(hidden_states(model, mx.array([[1, 5, 9, 12, 7, 3, 8, 4]]), 3),
+                                                            plain))
 
 
 def test_shared_weights_use_one_intervention_per_layer(tiny_model):
@@ -127,6 +127,9 @@ def test_check_validates_layers_and_hidden_size(cli, registry, trained, tmp_path
     shallow = write_model(tmp_path / "shallow", seed=0, num_layers=2)
     code, out, _ = cli("check", "reft", "--base", shallow)
     assert code == 1 and "adapter touches layer(s) 2, 3 but the base has 2 layers" in out
+    narrow = write_model(tmp_path / "narrow", seed=0, hidden_size=32, intermediate_size=64)
+    code, out, _ = cli("check", "reft", "--base", narrow)
+    assert code == 1 and "LoReFT interventions have hidden size 64 but the base's is 32" in out
 
 
 def test_loreft_options_are_checked_before_training(cli, registry, tiny_model, colours, tiny_data):
