@@ -35,7 +35,6 @@ from .errors import (AdapterHubError, ConflictError, CorruptRegistryError, Incom
                      NotFoundError, SchemaError)
 from .fingerprint import HashCache, fingerprint_dataset, fingerprint_model
 from .formats import mlx as mlx_format
-from .formats import peft as peft_format
 from .safetensors_io import read_header, sha256_file
 from .schemas import validate
 from .store import ObjectStore, RegistryLock, open_db, read_json, read_tables, write_json
@@ -363,6 +362,8 @@ class Registry:
         Returns:
             (the version, True if it was created; False if `name` already had these exact weights).
         """
+        from .formats import peft as peft_format  # only imports read PEFT folders: keep it off list/show's start
+
         if peft_format.is_peft_folder(Path(folder)) and not checkpoint:
             return self._import_peft(Path(folder), name, base, dataset, parent, relation, tags, description, parents)
         tags = dict(tags or {})
@@ -442,6 +443,8 @@ class Registry:
                      parents) -> tuple[AdapterVersion, bool]:
         """Convert a PEFT folder to mlx-lm's layout in a scratch folder, then import that."""
         import tempfile
+
+        from .formats import peft as peft_format
 
         with tempfile.TemporaryDirectory(prefix="adapterhub-peft-") as scratch:
             config = peft_format.to_mlx(folder, Path(scratch))
