@@ -27,7 +27,7 @@ def export(registry: Registry, ref: str, out_dir: Path | str, format: str = "mlx
         if format == "mlx":
             copy_stored_files(registry, version, staging)
         else:
-            peft_format.from_mlx(registry.objects.path(version.sha256), version.record, staging, base_reference(registry, version))
+            peft_format.from_mlx(registry.objects.verified(version.sha256, f"weights of {version.ref}"), version.record, staging, base_reference(registry, version))
         write_json(staging / RECORD_FILE, version.to_dict())
         with atomic_write(staging / "README.md", "w") as f:
             f.write(adapter_card(registry, version, library=format))
@@ -38,7 +38,7 @@ def export(registry: Registry, ref: str, out_dir: Path | str, format: str = "mlx
 def copy_stored_files(registry: Registry, version, folder: Path) -> None:
     """The version's files as imported (adapters.safetensors, adapter_config.json), byte for byte."""
     for f in version.record["files"]:
-        with open(registry.objects.path(f["sha256"]), "rb") as src, atomic_write(Path(folder) / f["name"]) as dst:
+        with open(registry.objects.verified(f["sha256"], f"{f['name']} of {version.ref}"), "rb") as src, atomic_write(Path(folder) / f["name"]) as dst:
             shutil.copyfileobj(src, dst, 8 << 20)
 
 

@@ -194,6 +194,7 @@ class Registry:
         return sorted(e.name[:-5] for e in os.scandir(folder) if e.name.endswith(".json") and not e.name.startswith("."))
 
     def _version_obj(self, record: dict, aliases: dict[str, int] | None = None) -> AdapterVersion:
+        _check_weights_claim(record)
         aliases = self._aliases(record["name"]) if aliases is None else aliases
         return AdapterVersion(record, tuple(sorted(a for a, v in aliases.items() if v == record["version"])))
 
@@ -525,10 +526,9 @@ class Registry:
 
     def modules(self, version: AdapterVersion) -> dict[str, tuple[int, int]]:
         """Module path -> (in, out) of a stored adapter, from its weight header alone."""
-        header = read_header(self.objects.path(version.sha256))
-        return mlx_format.derive(self.objects.path(version.file_sha(mlx_format.CONFIG_FILE)), header.path,
-                                  read_json(self.objects.path(version.file_sha(mlx_format.CONFIG_FILE))), header,
-                                 check_values=False).modules
+        header = read_header(self.objects.verified(version.sha256, f"weights of {version.ref}"))
+        config = self.objects.verified(version.file_sha(mlx_format.CONFIG_FILE), f"config of {version.ref}")
+        return mlx_format.derive(config, header.path, read_json(config), header, check_values=False).modules
 
     def check(self, ref: str, base: str | Path, allow_different_weights: bool = False) -> compat.CompatReport:
         """Compatibility report of an adapter with a base given as a path or a registered name."""
@@ -752,6 +752,16 @@ class Registry:
             except SchemaError as e:
                 report.problems.append(e.message)
         return good
+
+
+def _check_weights_claim(record: dict) -> None:
+    """A record's `sha256` names its weights; it must be the sha256 its files[] lists for them."""
+    listed = next((f["sha256"] for f in record.get("files", ()) if f.get("name") == mlx_format.WEIGHTS_FILE), None)
+    if listed != record.get("sha256"):
+        ref = f"{record.get('name')}@{record.get('version')}"
+        raise CorruptRegistryError(
+            f"record {ref} claims weights {str(record.get('sha256'))[:12]} but its files[] list {str(listed)[:12]}",
+            hint="run 'adapterhub verify'; restore the catalogue file from a backup or remove the version")
 
 
 def _is_zombie(pid: int) -> bool:

@@ -19,7 +19,7 @@ from tinydb import TinyDB
 from tinydb.storages import Storage
 
 from .errors import CorruptRegistryError, AdapterHubError
-from .safetensors_io import Progress, copy_hashed
+from .safetensors_io import Progress, copy_hashed, sha256_file
 
 TMP_SUFFIX = ".tmp"
 LOCK_TIMEOUT_S = float(os.environ.get("ADAPTERHUB_LOCK_TIMEOUT", "300"))
@@ -172,6 +172,21 @@ class ObjectStore:
     def has(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
 
+    def verified(self, sha256: str, what: str = "blob") -> Path:
+        """The path of a blob whose bytes were just re-hashed to `sha256`.
+
+        Every reader that feeds a blob into weights (export, fuse, stack, train, generate)
+        goes through here: a blob overwritten on disk must stop the command, not be used.
+        """
+        path = self.path(sha256)
+        if not path.is_file():
+            raise CorruptRegistryError(f"{what} {sha256[:12]} is missing from the object store ({path})",
+                                       hint="run 'adapterhub verify' to see what else is damaged")
+        if sha256_file(path) != sha256:
+            raise CorruptRegistryError(f"{what} {sha256[:12]} is corrupt: its bytes no longer hash to its sha256 ({path})",
+                                       hint="run 'adapterhub verify'; re-import the original folder to repair it")
+        return path
+
     def put_file(self, source: Path, progress: Progress | None = None) -> tuple[str, int]:
         """Copy `source` in, hashing it as it is written; returns (sha256, size)."""
         staging = self.root / "tmp"
@@ -182,23 +197,20 @@ class ObjectStore:
                 sha, size = copy_hashed(src, dst, progress)
                 dst.flush()
                 os.fsync(dst.fileno())
-            final = self.path(sha)
-            if final.is_file():
-                tmp.unlink()
-            else:
-                final.parent.mkdir(exist_ok=True)
-                os.chmod(tmp, 0o444)
-                os.replace(tmp, final)
-                _fsync_dir(final.parent)
+            self.adopt(tmp, sha)
             return sha, size
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
 
     def adopt(self, path: Path, sha256: str) -> None:
-        """Move a file already hashed while written (in objects/tmp) to its content address."""
+        """Move a file already hashed while written (in objects/tmp) to its content address.
+
+        A blob already there is kept only while its bytes still match: a corrupted one is
+        replaced by these good bytes, so importing the genuine weights heals the store.
+        """
         final = self.path(sha256)
-        if final.is_file():
+        if final.is_file() and sha256_file(final) == sha256:
             Path(path).unlink()
             return
         final.parent.mkdir(exist_ok=True)

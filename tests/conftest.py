@@ -108,6 +108,15 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def assert_refused(result, message, before, registry):
+    """The contract for bad input: exit 1, one `error:` line naming `message`, and not one byte changed."""
+    code, out, err = result
+    assert code == 1, (out, err)
+    assert err.startswith("error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert snapshot(registry.root) == before
+
+
 def subprocess_env() -> dict:
     return dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
 

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from tests.conftest import snapshot
+from tests.conftest import assert_refused, snapshot
 
 
 def _truncate(folder):
@@ -84,20 +84,12 @@ def populated(registry, lora_adapter, tiny_model):
     return registry
 
 
-def _assert_refused(result, message, before, registry):
-    code, out, err = result
-    assert code == 1, (out, err)
-    assert err.startswith("error: ") and message in err, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert snapshot(registry.root) == before
-
-
 @pytest.mark.parametrize("case,damage,message", IMPORT_CASES, ids=[c[0] for c in IMPORT_CASES])
 def test_bad_adapter_folders_are_refused(cli, populated, adapter_copy, tiny_model, case, damage, message):
     folder = adapter_copy()
     damage(folder)
     before = snapshot(populated.root)
-    _assert_refused(cli("import", folder, "--name", "broken", "--base", tiny_model), message, before, populated)
+    assert_refused(cli("import", folder, "--name", "broken", "--base", tiny_model), message, before, populated)
 
 
 BAD_COMMANDS = [
@@ -136,7 +128,7 @@ def test_bad_commands_are_refused(cli, populated, lora_adapter, tiny_model, tmp_
     (pickle_model / "pytorch_model.bin").write_bytes(b"\x80\x04")
     values = dict(adapter=lora_adapter, tmp=tmp_path, model=tiny_model, narrow=narrow, pickle_model=pickle_model)
     before = snapshot(populated.root)
-    _assert_refused(cli(*[a.format(**values) for a in args]), message, before, populated)
+    assert_refused(cli(*[a.format(**values) for a in args]), message, before, populated)
 
 
 @pytest.mark.parametrize("target", ["catalog/adapters/existing.json", "catalog/bases.json", "policy.json", "registry.json"])
@@ -147,7 +139,7 @@ def test_corrupt_catalogue_file(cli, populated, lora_adapter, target):
     command = ["show", "existing"] if "adapters" in target else ["import", str(lora_adapter), "--name", "another"]
     if target == "catalog/bases.json":
         command = ["base", "list"]
-    _assert_refused(cli(*command), "is damaged", before, populated)
+    assert_refused(cli(*command), "is damaged", before, populated)
     code, out, err = cli("verify")
     assert code == 1 and "is damaged" in out + err
 

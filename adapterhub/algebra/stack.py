@@ -38,7 +38,7 @@ class StackReport:
 def _factors(registry, version) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     import mlx.core as mx
 
-    weights = mx.load(str(registry.objects.path(version.sha256)), format="safetensors")
+    weights = mx.load(str(registry.objects.verified(version.sha256, f"weights of {version.ref}")), format="safetensors")
     return {k[: -len(".lora_a")]: (np.array(weights[k].astype(mx.float32)), np.array(weights[k[:-1] + "b"].astype(mx.float32)))
             for k in weights if k.endswith(".lora_a")}
 

@@ -73,11 +73,10 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
                                           hint="the registry changed; restore that version or pass --adapter")
     restore = None
     if record and record.get("restore") and not adapter_refs:
-        blob = registry.objects.path(record["restore"]["sha256"])
-        if not blob.is_file():
+        if not registry.objects.has(record["restore"]["sha256"]):
             raise NotFoundError(f"restore data {record['restore']['sha256'][:12]} is not in this registry",
                                 hint="unfuse with the registry that made this model, or pass --adapter for an approximate unfuse")
-        restore = restore_data.read(blob)
+        restore = restore_data.read(registry.objects.verified(record["restore"]["sha256"], "restore data"))
     dequantized = bool(record and record.get("dequantized"))
 
     fused_files = weight_files(fused_dir)
@@ -97,7 +96,7 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
     else:
         base_headers, config = fused_headers, read_json(fused_dir / "config.json")
     base_tensors = {k: v for h in base_headers.values() for k, v in h.structure().items()}
-    adapters = [(v.ref, v.record["kind"], v.record["scale"], registry.objects.path(v.sha256)) for v in versions]
+    adapters = [(v.ref, v.record["kind"], v.record["scale"], registry.objects.verified(v.sha256, f"weights of {v.ref}")) for v in versions]
     updates = module_updates(adapters, base_tensors)
     config_quant = config.get("quantization") or config.get("quantization_config")
     modules = set(updates)

@@ -146,7 +146,7 @@ class Trainer:
         import mlx.core as mx
         from mlx.utils import tree_flatten
 
-        weights = mx.load(str(self.registry.objects.path(self.parent.sha256)), format="safetensors")
+        weights = mx.load(str(self.registry.objects.verified(self.parent.sha256, f"weights of {self.parent.ref}")), format="safetensors")
         trainable = dict(tree_flatten(model.trainable_parameters()))
         problems = [f"{k} {list(v.shape)}" for k, v in weights.items() if k not in trainable or trainable[k].shape != v.shape]
         missing = sorted(set(trainable) - set(weights))
