@@ -154,6 +154,39 @@ def _layers(model) -> list:
     return model.layers
 
 
+def _layer_slots(model) -> tuple[list, int]:
+    """The list that holds the decoder layers, and where `model.layers[0]` sits in it.
+
+    Models that support pipelining (qwen2, ...) answer `model.layers` with a fresh slice of
+    `model.model.layers`: a layer put into that slice would never run, and nothing would train.
+    """
+    layers = _layers(model)
+    if not layers:
+        return layers, 0
+    seen, stack = set(), [model]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for value in node.values() if isinstance(node, dict) else node:
+            if isinstance(value, list):
+                start = next((i for i, item in enumerate(value) if item is layers[0]), None)
+                if start is not None and [id(item) for item in value[start:start + len(layers)]] == list(map(id, layers)):
+                    return value, start
+            if isinstance(value, (dict, list)):
+                stack.append(value)
+    raise AdapterHubError(f"cannot find where {type(model).__name__} keeps its decoder layers",
+                          hint="LoReFT needs a model whose layers live in a list, as mlx-lm's models keep them")
+
+
+def check_layers(layers: list[int], num_layers: int) -> None:
+    beyond = [i for i in layers if i >= num_layers]
+    if beyond:
+        raise AdapterHubError(f"--layers {beyond} beyond the model's {num_layers} layers (0–{num_layers - 1})",
+                              hint="pick layers the base has")
+
+
 def hidden_size_of(model) -> int:
     args = getattr(model, "args", None)
     size = getattr(args, "hidden_size", None)
@@ -164,17 +197,14 @@ def hidden_size_of(model) -> int:
 
 def apply(model, config: LoReFTConfig) -> list[LoReFTLayer]:
     """Freeze the model and wrap the chosen decoder layers; only the interventions train."""
-    layers = _layers(model)
-    beyond = [i for i in config.layers if i >= len(layers)]
-    if beyond:
-        raise AdapterHubError(f"--layers {beyond} beyond the model's {len(layers)} layers (0–{len(layers) - 1})",
-                              hint="pick layers the base has")
+    slots, offset = _layer_slots(model)
+    check_layers(config.layers, len(_layers(model)))
     model.freeze()
     hidden = hidden_size_of(model)
     wrapped = []
     for i in config.layers:
-        layers[i] = LoReFTLayer(layers[i], config, hidden)
-        wrapped.append(layers[i])
+        slots[offset + i] = LoReFTLayer(slots[offset + i], config, hidden)
+        wrapped.append(slots[offset + i])
     return wrapped
 
 

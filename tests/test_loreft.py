@@ -7,7 +7,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from adapterhub import loreft
-from adapterhub.tinymodel import write_dataset
+from adapterhub.tinymodel import write_dataset, write_tokenizer
+from adapterhub.training.config import LOREFT_LEARNING_RATE, MLX_LM_LEARNING_RATE, merge
 from tests.conftest import snapshot
 
 
@@ -19,7 +20,7 @@ def colours(tmp_path_factory):
 @pytest.fixture
 def trained(cli, registry, tiny_model, colours):
     code, out, err = cli("--json", "train", "--kind", "loreft", "--base", tiny_model, "--data", colours, "--name", "reft",
-                         "--layers", "2;3", "--rank", "4", "--positions", "f1+l1", "--iters", "30", "--learning-rate", "5e-3",
+                         "--layers", "2;3", "--rank", "4", "--positions", "f1+l1", "--iters", "30",  # LoReFT's own learning rate
                          "--val-batches", "4", "--steps-per-eval", "10", "--save-every", "10", "--seed", "1")
     assert code == 0, err
     return json.loads(out)
@@ -41,6 +42,7 @@ def hidden_states(model, tokens, upto_layer):
 def test_training_lowers_validation_loss_and_registers_a_loreft_version(trained, registry):
     val = trained["training"]["losses"]["val"]
     assert val[-1][1] < val[0][1] * 0.9
+    assert trained["training"]["hyperparameters"]["learning_rate"] == LOREFT_LEARNING_RATE
     assert trained["kind"] == "loreft" and trained["layers"] == [2, 3] and trained["targets"] == ["block_output"]
     assert trained["loreft"] == {"layers": [2, 3], "rank": 4, "positions": "f1+l1", "share_weights": False, "dropout": 0.0,
                                  "activation": "linear", "hidden_size": 64, "interventions": 2}
@@ -110,10 +112,13 @@ def test_save_load_generate_gives_the_in_memory_tokens(cli, registry, trained, t
 
 
 def test_fuse_stack_and_peft_export_refuse_loreft(cli, registry, trained, tiny_model, tmp_path):
+    # A second, different LoReFT version: stacking one adapter with itself is refused for another reason.
+    run_id = trained["training"]["run_id"]
+    assert cli("checkpoints", "promote", run_id, "10", "--name", "reft-early")[0] == 0
     before = snapshot(registry.root)
     for args, message in [
         (("fuse", "reft", "--base", tiny_model, "--out", tmp_path / "fused"), "not a weight update"),
-        (("stack", "reft", "reft", "--name", "both"), "not a weight update"),
+        (("stack", "reft", "reft-early", "--name", "both"), "not a weight update"),
         (("export", "reft", tmp_path / "peft", "--format", "peft"), "PEFT's LoRA format cannot hold"),
     ]:
         code, _, err = cli(*args)
@@ -143,3 +148,49 @@ def test_loreft_options_are_checked_before_training(cli, registry, tiny_model, c
         code, _, err = cli(*common, *extra)
         assert code == 1 and message in err, (extra, err)
     assert registry.list() == []
+
+
+@pytest.mark.parametrize("cli_rate,yaml_rate,kind,expected", [
+    (None, None, "loreft", LOREFT_LEARNING_RATE),
+    (None, None, "lora", MLX_LM_LEARNING_RATE),
+    (None, 1e-5, "loreft", 1e-5),  # a rate the user gave is theirs, even mlx-lm's default
+    (2e-3, 1e-5, "loreft", 2e-3),
+])
+def test_loreft_default_learning_rate_only_when_none_given(tmp_path, cli_rate, yaml_rate, kind, expected):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"fine_tune_type: {kind}\n" + (f"learning_rate: {yaml_rate}\n" if yaml_rate else ""))
+    merged = merge({"base": "b", "data": "d", "name": "n", "layers": "1", "learning_rate": cli_rate}, config)
+    assert merged.learning_rate == expected
+    assert merge({"base": "b", "data": "d", "name": "n", "kind": kind, "layers": "1"}, None).learning_rate == \
+        (LOREFT_LEARNING_RATE if kind == "loreft" else MLX_LM_LEARNING_RATE)
+
+
+def _write_qwen2(folder):
+    """A tiny qwen2 folder: its model answers `model.layers` with a fresh slice, as pipelining models do."""
+    from mlx_lm.models import qwen2
+
+    folder.mkdir(parents=True)
+    vocab = write_tokenizer(folder)
+    config = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": vocab,
+              "tie_word_embeddings": True, "max_position_embeddings": 512}
+    mx.random.seed(0)
+    model = qwen2.Model(qwen2.ModelArgs(**config))
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForCausalLM"]}))
+    return folder
+
+
+def test_loreft_trains_a_model_whose_layers_are_a_slice(cli, registry, colours, tmp_path):
+    from mlx_lm import load
+
+    base = _write_qwen2(tmp_path / "tiny-qwen2")
+    model, _ = load(str(base))
+    assert model.layers is not model.model.layers  # the case: writing into model.layers wraps nothing
+    loreft.apply(model, loreft.LoReFTConfig(layers=[0, 1], rank=2, hidden_size=64))
+    assert all(isinstance(layer, loreft.LoReFTLayer) for layer in model.model.layers)
+    code, out, err = cli("--json", "train", "--kind", "loreft", "--base", base, "--data", colours, "--name", "reft-qwen",
+                         "--layers", "all", "--rank", "2", "--iters", "4", "--val-batches", "1", "--save-every", "2")
+    assert code == 0, err
+    version = json.loads(out)
+    assert version["layers"] == [0, 1] and version["num_parameters"] == 2 * 2 * (2 * 64 * 2 + 2)

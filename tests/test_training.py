@@ -84,6 +84,44 @@ def test_checkpoints_on_disk_follow_the_retention_policy(cli, registry, tiny_mod
     assert code == 0 and {int(p.name[5:12]) for p in folder.glob("step-*[0-9].safetensors")} == {max(expected)}
 
 
+def _validation_loss_of(checkpoint, tiny_model, tiny_data, seed: int) -> float:
+    """The validation loss of a checkpoint's own weights, as the trainer measures it at that step."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from mlx_lm import load
+    from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
+    from mlx_lm.tuner.trainer import default_loss, evaluate
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, tokenizer = load(str(tiny_model))
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 8, "scale": 20.0, "dropout": 0.0})
+    model.load_weights(list(mx.load(str(checkpoint.path)).items()), strict=False)
+    _, valid, _ = load_local_dataset(Path(tiny_data), tokenizer, SimpleNamespace(mask_prompt=False))
+    np.random.seed(seed + checkpoint.step)
+    return float(evaluate(model=model, dataset=CacheDataset(valid), loss=default_loss, batch_size=4, num_batches=2))
+
+
+def test_keep_best_ranks_checkpoints_by_their_own_validation_loss(cli, registry, tiny_model, tiny_data):
+    # No --steps-per-eval: mlx-lm's 200 would leave every checkpoint with the loss measured at step 1.
+    code, _, err = cli("train", "--base", tiny_model, "--data", tiny_data, "--name", "best", "--num-layers", "2",
+                       "--learning-rate", "1e-3", "--val-batches", "2", "--iters", "24", "--save-every", "4",
+                       "--keep-last", "1", "--keep-best", "1")
+    assert code == 0, err
+    run = registry.runs()[0]
+    measured = dict(run["losses"]["val"])
+    assert set(measured) == {1, 4, 8, 12, 16, 20, 24}  # mlx-lm's steps, and every checkpoint's
+    folder = Path(run["dir"])
+    kept = checkpoints.listing(folder)
+    for checkpoint in kept:
+        assert checkpoint.val_loss == measured[checkpoint.step]
+        assert checkpoint.val_loss == pytest.approx(_validation_loss_of(checkpoint, tiny_model, tiny_data, seed=0), rel=1e-5)
+    best = min((4, 8, 12, 16, 20), key=lambda s: (measured[s], s))
+    assert {c.step for c in kept} == {20, best}
+    assert measured[best] < measured[1]
+
+
 def test_checkpoint_metadata_round_trips(cli, registry, tiny_model, tiny_data):
     cli("train", *options(tiny_model, tiny_data, "--name", "meta", "--iters", "10", "--save-every", "5"))
     run = registry.runs()[0]
@@ -163,6 +201,23 @@ def test_mismatched_from_is_refused_and_registers_nothing(cli, registry, tiny_mo
     assert code == 1 and "invalid name 'Bad Name'" in err
     assert {k: v for k, v in snapshot(registry.root).items() if not k.startswith("catalog/runs")} == before
     assert registry.runs() == []
+
+
+def test_default_num_layers_is_mlx_lms_sixteen_or_all_of_a_shallower_model(cli, registry, tiny_model, tiny_data, tmp_path):
+    config = tmp_path / "lora_config.yaml"
+    config.write_text("val_batches: -1\n")  # mlx-lm's "the whole validation set"
+    code, out, err = cli("--json", "train", "--base", tiny_model, "--data", tiny_data, "--name", "every-layer", "--iters", "2",
+                         "--save-every", "2", "--config", config)
+    assert code == 0, err
+    version = json.loads(out)
+    assert version["training"]["hyperparameters"]["val_batches"] == -1
+    # The number actually wrapped is what the run and the adapter record, so mlx_lm loads it on any model.
+    assert version["num_layers"] == 4 and version["layers"] == [0, 1, 2, 3]
+    assert version["training"]["hyperparameters"]["num_layers"] == 4 and registry.runs()[0]["config"]["num_layers"] == 4
+    config = TrainConfig(base="b", data="d", name="n")
+    assert [config.layers_to_train(n) for n in (4, 16, 40)] == [4, 16, 16]
+    assert TrainConfig(base="b", data="d", name="n", num_layers=-1).layers_to_train(40) == 40
+    assert TrainConfig(base="b", data="d", name="n", num_layers=3).layers_to_train(40) == 3
 
 
 def test_yaml_config_as_mlx_lm_reads_it_and_dora(cli, registry, tiny_model, tiny_data, tmp_path):

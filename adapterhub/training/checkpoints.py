@@ -9,10 +9,11 @@ position is the step: batches are replayed from the seed.)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import NotFoundError
+from ..errors import AdapterHubError, NotFoundError
 from ..safetensors_io import read_header
 from ..schemas import validate
 from ..store import temp_path_for
@@ -31,7 +32,8 @@ class Checkpoint:
     @property
     def val_loss(self) -> float | None:
         value = self.metadata.get("val_loss")
-        return float(value) if value not in (None, "") else None
+        loss = float(value) if value not in (None, "") else None
+        return loss if loss is not None and math.isfinite(loss) else None  # a NaN must never rank as best
 
     @property
     def state_path(self) -> Path:
@@ -84,8 +86,22 @@ def find(run_dir: Path, step: int) -> Checkpoint:
     raise NotFoundError(f"run has no checkpoint at step {step} (kept: {steps})", hint="run 'adapterhub checkpoints list RUN_ID'")
 
 
+def check_policy(keep_last: int, keep_best: int, keep_every: int | None) -> None:
+    """A negative count would slice from the wrong end and delete what it meant to keep."""
+    from .config import range_problem
+
+    problems = [problem for name, value in (("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every))
+                if not (name == "keep_every" and value is None) and (problem := range_problem(name, value))]
+    if problems:
+        raise AdapterHubError("; ".join(problems), hint="give counts of 0 or more (0 turns a rule off)")
+
+
 def retained(checkpoints: list[Checkpoint], keep_last: int, keep_best: int, keep_every: int | None) -> dict[int, list[str]]:
-    """step -> the reasons it is kept; a step missing from the result is to be deleted."""
+    """step -> the reasons it is kept; a step missing from the result is to be deleted.
+
+    Only a checkpoint with a validation loss measured on its own weights can be among the best.
+    """
+    check_policy(keep_last, keep_best, keep_every)
     reasons: dict[int, list[str]] = {}
     for c in sorted(checkpoints, key=lambda c: c.step)[-keep_last:] if keep_last > 0 else []:
         reasons.setdefault(c.step, []).append("last")
@@ -102,7 +118,7 @@ def retained(checkpoints: list[Checkpoint], keep_last: int, keep_best: int, keep
 def prune(run_dir: Path, keep_last: int, keep_best: int, keep_every: int | None) -> list[int]:
     """Delete what falls out of the policy (weights first, so a half-pruned checkpoint is never listed)."""
     checkpoints = listing(run_dir)
-    keep = retained(checkpoints, keep_last, keep_best, keep_every)
+    keep = retained(checkpoints, keep_last, keep_best, keep_every)  # refuses a bad policy before anything is deleted
     removed = []
     for c in checkpoints:
         if c.step not in keep:

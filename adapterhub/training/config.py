@@ -4,10 +4,89 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
-from ..errors import AdapterHubError
+from ..errors import AdapterHubError, IncompatibleError
+
+MLX_LM_LEARNING_RATE = 1e-5
+# mlx-lm's 1e-5 barely moves a LoReFT edit in a hundred steps; pyreft's examples train with 9e-4 to 4e-3.
+LOREFT_LEARNING_RATE = 4e-3
+# mlx-lm's default --num-layers: the last 16 decoder layers, or all of a model that has fewer.
+DEFAULT_NUM_LAYERS = 16
+ALL = -1  # --num-layers -1 / --val-batches -1: every layer / the whole validation set, as in mlx-lm
+
+
+class Range(NamedTuple):
+    """Allowed values of a numeric option: min <= x <= max (x < max when max_open); None is unbounded.
+
+    `also` is one value outside the range that means something of its own (-1: all).
+    """
+
+    min: float | None
+    max: float | None
+    max_open: bool = False
+    also: int | None = None
+
+
+# Seeds go to numpy, which takes 0 <= seed + step < 2**32; both halves stay below 2**31.
+_INT32 = 2**31 - 1
+RANGES: dict[str, Range] = {
+    "rank": Range(1, None),
+    "scale": Range(None, None),
+    "dropout": Range(0.0, 1.0, max_open=True),
+    "num_layers": Range(1, None, also=ALL),
+    "iters": Range(1, _INT32),
+    "batch_size": Range(1, None),
+    "learning_rate": Range(0.0, None),
+    "max_seq_length": Range(1, None),
+    "grad_accumulation_steps": Range(1, None),
+    "seed": Range(0, _INT32),
+    "val_batches": Range(1, None, also=ALL),
+    "steps_per_eval": Range(1, None),
+    "steps_per_report": Range(1, None),
+    "save_every": Range(1, None),
+    "keep_last": Range(0, None),
+    "keep_best": Range(0, None),
+    "keep_every": Range(0, None),
+}
+FLOAT_OPTIONS = frozenset({"scale", "dropout", "learning_rate"})
+
+
+def option_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def range_problem(name: str, value) -> str | None:
+    """Why `value` is not allowed for the numeric option `name`, or None when it is."""
+    allowed = RANGES[name]
+    flag = option_name(name)
+    if name in FLOAT_OPTIONS:
+        # bool is an int to Python, but `--scale true` is a mistake, not 1.0.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{flag} must be a number, got {value!r}"
+        if not math.isfinite(value):
+            return f"{flag} must be a finite number, got {value!r}"
+    elif isinstance(value, bool) or not isinstance(value, int):
+        return f"{flag} must be a whole number, got {value!r}"
+    if allowed.also is not None and value == allowed.also:
+        return None
+    low = allowed.min is not None and value < allowed.min
+    high = allowed.max is not None and (value >= allowed.max if allowed.max_open else value > allowed.max)
+    if not (low or high):
+        return None
+    if allowed.min is not None and allowed.max is not None and name in FLOAT_OPTIONS:
+        wanted = f"in [{allowed.min}, {allowed.max}{')' if allowed.max_open else ']'}"
+    elif low:
+        wanted = f"at least {allowed.min}"
+    else:
+        wanted = f"{'below' if allowed.max_open else 'at most'} {allowed.max}"
+    if allowed.also is not None:
+        wanted += f", or {allowed.also} for all"
+    return f"{flag} must be {wanted} (got {value!r})"
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -20,10 +99,12 @@ class TrainConfig:
     rank: int = 8
     scale: float = 20.0
     dropout: float = 0.0
-    num_layers: int = 16
+    # None: mlx-lm's default (the last 16 layers, or all of a shallower model); the trainer records the number used.
+    num_layers: int | None = None
     iters: int = 1000
     batch_size: int = 4
-    learning_rate: float = 1e-5
+    # None: mlx-lm's 1e-5, or LOREFT_LEARNING_RATE for --kind loreft.
+    learning_rate: float | None = None
     lr_schedule: dict | None = None
     optimizer: str = "adam"
     max_seq_length: int = 2048
@@ -44,6 +125,23 @@ class TrainConfig:
     positions: str = "f1+l1"
     share_weights: bool = False
     activation: str = "linear"
+
+    def __post_init__(self):
+        if self.learning_rate is None:
+            default = LOREFT_LEARNING_RATE if self.kind == "loreft" else MLX_LM_LEARNING_RATE
+            object.__setattr__(self, "learning_rate", default)
+
+    def layers_to_train(self, model_layers: int) -> int:
+        """The number of decoder layers LoRA/DoRA wraps on a model with `model_layers`, as mlx-lm counts them."""
+        if self.num_layers is None:
+            return min(DEFAULT_NUM_LAYERS, model_layers)
+        if self.num_layers == ALL:
+            return model_layers
+        if self.num_layers > model_layers:
+            # mlx-lm refuses an explicit count beyond the model rather than silently training fewer.
+            raise IncompatibleError(f"--num-layers {self.num_layers} but the base has {model_layers} layers",
+                                    hint=f"pass --num-layers {model_layers} or fewer (-1 for all)")
+        return self.num_layers
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,12 +170,18 @@ class TrainConfig:
                 "lora_parameters": {"rank": self.rank, "scale": self.scale, "dropout": self.dropout}}
 
     def check(self) -> None:
+        """Refuse options that cannot train, before any model loads or anything is written."""
         problems = []
-        for f in fields(self):
-            value, default = getattr(self, f.name), f.default
-            if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None \
-                    and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                problems.append(f"{f.name} must be a number, got {value!r}")
+        for name in RANGES:
+            value = getattr(self, name)
+            if value is None and name in ("num_layers", "keep_every"):
+                continue  # mlx-lm's default layers / no keep-every rule
+            problem = range_problem(name, value)
+            if problem:
+                problems.append(problem)
+        for name in ("mask_prompt", "share_weights"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{option_name(name)} must be true or false, got {getattr(self, name)!r}")
         if problems:
             raise AdapterHubError("; ".join(problems), hint="fix the training options")
         if self.kind not in ("lora", "dora", "loreft"):
@@ -96,13 +200,29 @@ class TrainConfig:
                 problems.append("LoReFT edits prompt positions and learns the completion: it needs prompt/completion data")
         if self.optimizer not in ("adam", "adamw", "sgd"):
             problems.append(f"--optimizer {self.optimizer} is not supported (adam, adamw, sgd)")
-        for name in ("rank", "iters", "batch_size", "grad_accumulation_steps", "save_every", "max_seq_length"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.save_every % self.grad_accumulation_steps:
             problems.append("--save-every must be a multiple of --grad-accumulation-steps, so checkpoints fall on updates")
+        if self.lr_schedule is not None:
+            problems.extend(_schedule_problems(self.lr_schedule, self.iters))
         if problems:
             raise AdapterHubError("; ".join(problems), hint="fix the training options")
+
+
+def _schedule_problems(schedule, iters: int) -> list[str]:
+    """mlx-lm builds the schedule only after the model loaded: build it here, and sample it, to fail first."""
+    import mlx.core as mx
+    from mlx_lm.tuner.utils import build_schedule
+
+    if not isinstance(schedule, dict) or not isinstance(schedule.get("arguments"), list) or not schedule["arguments"]:
+        return [f"lr_schedule must be a mapping with name and arguments, as in mlx-lm's config (got {schedule!r})"]
+    try:
+        fn = build_schedule(schedule)
+        rates = [float(fn(mx.array(step))) for step in (0, 1, iters // 2, iters)]
+    except Exception as e:  # any mistake in the mapping: a name mlx has no schedule for, wrong arguments
+        return [f"lr_schedule {schedule!r} is not one mlx-lm can build ({type(e).__name__}: {e})"]
+    if not all(math.isfinite(r) and r >= 0 for r in rates):
+        return [f"lr_schedule {schedule!r} gives learning rates {rates}: they must be finite and not negative"]
+    return []
 
 
 def from_yaml(path: Path) -> dict:
@@ -122,6 +242,9 @@ def from_yaml(path: Path) -> dict:
     known = {f.name for f in fields(TrainConfig)}
     for key, value in doc.items():
         if key == "lora_parameters":
+            if not isinstance(value, dict):
+                raise AdapterHubError(f"{path}: lora_parameters must be a mapping (rank, scale, dropout), got {value!r}",
+                                      hint="give a YAML file like mlx-lm's lora_config.yaml")
             options.update({k: value[k] for k in ("rank", "scale", "dropout") if k in value})
             continue
         key = renames.get(key, key)
@@ -131,7 +254,7 @@ def from_yaml(path: Path) -> dict:
 
 
 def merge(cli: dict, yaml_path: Path | None) -> TrainConfig:
-    """CLI options beat the YAML file, which beats mlx-lm's defaults."""
+    """CLI options beat the YAML file, which beats the defaults (mlx-lm's, but LoReFT's learning rate)."""
     options = from_yaml(yaml_path) if yaml_path else {}
     options.update({k: v for k, v in cli.items() if v is not None})
     missing = [k for k in ("base", "data", "name") if not options.get(k)]

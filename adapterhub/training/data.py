@@ -24,6 +24,24 @@ def _format_of(row: dict) -> str | None:
     return None
 
 
+def _check_messages(messages, where: str) -> None:
+    """Chat rows as mlx-lm's ChatDataset and a chat template read them: a list of {role, content} objects."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list", hint="fix or remove that line")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content', not {type(message).__name__}",
+                            hint="fix or remove that line")
+        if not isinstance(message.get("role"), str) or not message["role"]:
+            raise DataError(f"{where}: messages[{i}] has no string 'role'", hint="fix or remove that line")
+        content = message.get("content")
+        # OpenAI's format lets an assistant turn that calls tools carry no content.
+        if content is None and message["role"] == "assistant" and message.get("tool_calls"):
+            continue
+        if not isinstance(content, str):
+            raise DataError(f"{where}: messages[{i}] has no string 'content'", hint="fix or remove that line")
+
+
 def validate(folder: Path, mask_prompt: bool = False) -> dict[str, int]:
     """Check every line of train/valid/test.jsonl; returns examples per split.
 
@@ -47,9 +65,11 @@ def validate(folder: Path, mask_prompt: bool = False) -> dict[str, int]:
             except UnicodeDecodeError as e:
                 raise DataError(f"{path} is not UTF-8 ({e.reason})", hint="re-save the file as UTF-8") from None
         for number, line in lines:
-            if not line.strip():
-                continue
             where = f"{path}:{number}"
+            if not line.strip():
+                # mlx-lm's load_local_dataset json.loads every line, blank ones too, and fails on them:
+                # refused here, so the data that trains here is data mlx_lm.lora reads as well.
+                raise DataError(f"{where}: blank line", hint="remove blank lines (mlx-lm reads one JSON object per line)")
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -66,10 +86,14 @@ def validate(folder: Path, mask_prompt: bool = False) -> dict[str, int]:
             values = [row["text"]] if kind == "text" else [row["prompt"], row["completion"]] if kind == "completions" else []
             if any(not isinstance(v, str) or not v for v in values):
                 raise DataError(f"{where}: empty or non-string text", hint="fix or remove that line")
-            if kind == "chat" and (not isinstance(row["messages"], list) or not row["messages"]):
-                raise DataError(f"{where}: 'messages' must be a non-empty list", hint="fix or remove that line")
+            if kind == "chat":
+                _check_messages(row["messages"], where)
             count += 1
         counts[split] = count
+    for split, count in counts.items():
+        if split != "train" and not count:
+            # mlx-lm's create_dataset reads the format from the first row: an empty file fails there.
+            raise DataError(f"{folder / f'{split}.jsonl'} has no examples", hint="add examples or remove the file")
     if not counts.get("train"):
         raise DataError(f"{folder / 'train.jsonl'} has no examples", hint="add training examples")
     if mask_prompt and first_format == "text":

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -78,12 +78,28 @@ class Trainer:
     # ---- set-up: everything checked before the run is recorded ----------------
 
     def prepare(self) -> None:
+        """Every check that needs no model: a refused run loads nothing and writes nothing."""
         config = self.config
-        self.examples = validate_data(Path(config.data), config.mask_prompt)  # before any model loads
+        config.check()  # again here: a library caller may build a TrainConfig without merge()
+        self.examples = validate_data(Path(config.data), config.mask_prompt)
+        for split, count in self.examples.items():
+            # mlx-lm's iterate_batches refuses a split smaller than a batch: valid at the first evaluation,
+            # test only after the last step, both long after the run was recorded.
+            if count < config.batch_size:
+                raise AdapterHubError(f"{split}.jsonl has {count} examples, fewer than --batch-size {config.batch_size}",
+                                      hint=f"add examples to {split}.jsonl or lower --batch-size")
         from .. import naming
 
         naming.check_name(config.name, self.registry.policy, config.tags)
         self.base_fp, base_record = self.registry.resolve_base(config.base)
+        model_layers = (self.base_fp.get("config") or {}).get("num_hidden_layers")
+        if isinstance(model_layers, int):  # the model checks its own layers again once loaded
+            if config.kind == "loreft":
+                from .. import loreft
+
+                loreft.check_layers(loreft.parse_layers(config.layers, model_layers), model_layers)
+            else:
+                config.layers_to_train(model_layers)
         self.base_path = Path(config.base).expanduser() if Path(config.base).expanduser().is_dir() else Path(base_record["path"])
         self.dataset_fp = fingerprint_dataset(Path(config.data))
         self.parent = self.registry.resolve(config.from_ref) if config.from_ref else None
@@ -119,9 +135,8 @@ class Trainer:
                 hidden_size=loreft.hidden_size_of(model))
             loreft.apply(model, self.loreft_config)
         else:
-            if config.num_layers > len(model.layers):
-                raise IncompatibleError(f"--num-layers {config.num_layers} but the base has {len(model.layers)} layers",
-                                        hint=f"pass --num-layers {len(model.layers)} or fewer (-1 for all)")
+            # The run records the number of layers it wraps, not "default" or -1: the same adapter, the same config.
+            config = self.config = replace(config, num_layers=config.layers_to_train(len(model.layers)))
             model.freeze()
             linear_to_lora_layers(model, config.num_layers, {"rank": config.rank, "scale": config.scale, "dropout": config.dropout},
                                   use_dora=config.kind == "dora")
@@ -134,9 +149,6 @@ class Trainer:
         except ValueError as e:
             raise DataError(f"{config.data} cannot be tokenized for this base: {e}".split("For information")[0].strip(),
                             hint="completions and chat data need a tokenizer with a chat template; use text data otherwise") from None
-        if len(train) < config.batch_size:
-            raise AdapterHubError(f"train.jsonl has {len(train)} examples, fewer than --batch-size {config.batch_size}",
-                                  hint="add examples or lower --batch-size")
         learning_rate = build_schedule(config.lr_schedule) if config.lr_schedule else config.learning_rate
         optimizer = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}[config.optimizer](learning_rate=learning_rate)
         self.test_set = CacheDataset(test) if len(test) else None
@@ -246,16 +258,24 @@ class Trainer:
             model.train()
             return float(value)
 
+        def record_val(it: int) -> float | None:
+            val = validation_loss(it)
+            if val is not None:
+                losses["val"].append([it, val])
+                self.report({"event": "val", "step": it, "val_loss": val})
+            return val
+
         model.train()
         accumulated, window_loss, window_tokens, window_steps, window_time = None, 0.0, 0, 0, 0.0
-        last_val = next((v for s, v in reversed(losses["val"])), None)
         for it in range(start_step + 1, config.iters + 1):
-            if it == 1 or it % config.steps_per_eval == 0 or it == config.iters:
-                val = validation_loss(it)
-                if val is not None:
-                    losses["val"].append([it, val])
-                    last_val = val
-                    self.report({"event": "val", "step": it, "val_loss": val})
+            saving = it % config.save_every == 0 and it != config.iters
+            due = it == 1 or it % config.steps_per_eval == 0 or it == config.iters  # mlx-lm's schedule
+            # A checkpoint's validation loss is measured on the weights it saves, after this step's update:
+            # at every checkpoint when --keep-best ranks them, else when mlx-lm's schedule falls on it.
+            # Elsewhere validation runs before the step's update, as in mlx-lm. One value per step either way.
+            after_update = saving and (config.keep_best > 0 or due)
+            if due and not after_update:
+                record_val(it)
             tic = time.perf_counter()
             mx.random.seed(config.seed * 1_000_003 + it)  # dropout masks depend on the step alone
             value, tokens, accumulated = step(next(batches), accumulated, it % config.grad_accumulation_steps == 0)
@@ -278,9 +298,10 @@ class Trainer:
                              "tokens_per_second": window_tokens / window_time if window_time else 0.0,
                              "learning_rate": float(optimizer.learning_rate)})
                 window_loss, window_tokens, window_steps, window_time = 0.0, 0, 0, 0.0
-            if it % config.save_every == 0 and it != config.iters:
+            if saving:
+                val = record_val(it) if after_update else None
                 started = time.perf_counter()
-                removed = self._checkpoint(it, model, optimizer, losses, last_val)
+                removed = self._checkpoint(it, model, optimizer, losses, val)
                 # The run record is updated before the checkpoint is announced, so whoever reads
                 # the announcement (a person, a script, a test) finds the record already there.
                 self.registry.update_run(self.run_id, step=it, losses=losses, trained_tokens=trained_tokens,
