@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -13,8 +14,9 @@ _FROM_LAYERS = re.compile(r"(?:^|\.)(layers\.\d+\..+)$")
 class CompatReport:
     """The verdict and every reason for it.
 
-    verdict is one of: exact (same base weights), structural (the adapter records no
-    base, shapes fit), quantized-variant, different-weights, incompatible.
+    verdict is one of: exact (same base weights and config), structural (the adapter records no
+    base, shapes fit), quantized-variant, different-config (config.json's architecture fields
+    differ from the adapter's base), different-weights, incompatible.
     """
 
     compatible: bool
@@ -46,6 +48,22 @@ def _normalise(key: str) -> str:
     # Checkpoints name the same module with different prefixes (model., language_model.model., ...).
     match = _FROM_LAYERS.search(key)
     return match.group(1) if match else key
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def config_changes(recorded: dict, current: dict) -> list[str]:
+    """`field recorded → current` for each architecture field of config.json that differs, quantization aside.
+
+    Only fields both hold are compared: a base registered before a field was fingerprinted
+    says nothing about it, which is not the same as saying the field was absent (a fresh
+    fingerprint holds every field, None when config.json lacks it).
+    """
+    return [f"{k} {_shown(recorded[k])} → {_shown(current[k])}"
+            for k in sorted(recorded.keys() & current.keys()) if k != "quantization" and recorded[k] != current[k]]
 
 
 def _logical_shape(module: str, tensors: dict[str, list], bits: int | None) -> tuple[int, int] | None:
@@ -104,19 +122,43 @@ def check(adapter_name: str, modules: dict[str, tuple[int, int]], layers: list[i
         return CompatReport(False, "incompatible", problems=problems, **report)
     if adapter_base is None:
         return CompatReport(True, "structural", notes=["the adapter records no base model; only shapes were checked"], **report)
-    if adapter_base["sha256"] == base["sha256"]:
-        return CompatReport(True, "exact", notes=["same base weights the adapter was registered with"], **report)
+    # The fingerprint's config when the adapter's base is registered here; else only what the version itself records.
+    recorded_config = adapter_base.get("config")
+    known_config = recorded_config is not None
+    if recorded_config is None:
+        recorded_config = {"model_type": adapter_base["model_type"]} if adapter_base.get("model_type") is not None else {}
+    changed = config_changes(recorded_config, config)
+    label = adapter_base.get("name") or adapter_base["sha256"][:12]
+    recorded_files = {f["name"]: f["sha256"] for f in adapter_base_files or []}
+    current_files = {f["name"]: f["sha256"] for f in base["files"]}
+    same_quant = recorded_config.get("quantization") == config.get("quantization")
+    if not changed and adapter_base["sha256"] == base["sha256"]:
+        return CompatReport(True, "exact", notes=["same base weights and config.json the adapter was registered with"], **report)
+    if not changed and known_config and recorded_files and recorded_files == current_files and same_quant:
+        # A base fingerprinted before config.json counted toward its sha256: the same files and every config
+        # field it recorded. Fields it never recorded cannot be compared, and the report says so.
+        unrecorded = sorted(config.keys() - recorded_config.keys())
+        notes = ["same base weights and config.json the adapter was registered with"]
+        if unrecorded:
+            listed = ", ".join(unrecorded[:3]) + (", …" if len(unrecorded) > 3 else "")
+            notes.append(f"its base was registered before {len(unrecorded)} more config.json fields ({listed}) "
+                         "counted toward a model's identity: those were not compared")
+        return CompatReport(True, "exact", notes=notes, **report)
+    if changed:
+        what = f"config.json differs from the adapter's base {label}: {', '.join(changed)}"
+        if allow_different_weights:
+            return CompatReport(True, "different-config", notes=[f"{what}; results are unpredictable"], **report)
+        return CompatReport(False, "different-config", problems=[
+            f"{what}; a different model although the shapes fit (pass --allow-different-weights to accept)"], **report)
     if adapter_base["structure_sha256"] == base["structure_sha256"]:
-        recorded = {f["name"]: f["sha256"] for f in adapter_base_files or []}
-        differing = sorted(f["name"] for f in base["files"] if recorded.get(f["name"]) != f["sha256"])
-        what = f"weights differ from the adapter's base {adapter_base.get('name') or adapter_base['sha256'][:12]} in {', '.join(differing) or 'some files'}"
+        differing = sorted(name for name in current_files.keys() | recorded_files.keys()
+                           if recorded_files.get(name) != current_files.get(name))
+        what = f"weights differ from the adapter's base {label} in {', '.join(differing) or 'some files'}"
         if allow_different_weights:
             return CompatReport(True, "different-weights", notes=[f"same structure; {what}"], differing_files=differing, **report)
         return CompatReport(False, "different-weights", differing_files=differing,
                             problems=[f"same structure but {what} (pass --allow-different-weights to accept)"], **report)
-    recorded_config = adapter_base.get("config") or {}
-    same_model = all(recorded_config.get(k) == config.get(k) for k in recorded_config if k != "quantization")
-    if same_model and recorded_config.get("quantization") != config.get("quantization"):
+    if not same_quant:
         q = config.get("quantization")
         state = f"{q['bits']}-bit quantized (group size {q['group_size']})" if q else "not quantized"
         return CompatReport(True, "quantized-variant", notes=[

@@ -16,16 +16,22 @@ from typing import BinaryIO, Callable
 
 from .errors import InvalidAdapterError, UnsafeFormatError
 
-DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4,
-    "U64": 8, "I64": 8, "F64": 8,
+# Every dtype the safetensors library accepts, in bits per element (its Rust `Dtype::bitsize`).
+DTYPE_BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
+    "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
 }
+# Whole-byte dtypes, the ones whose elements can be read and written one by one.
+DTYPE_SIZES = {k: bits // 8 for k, bits in DTYPE_BITS.items() if bits % 8 == 0}
+# What mlx.core.load accepts (mlx/io/safetensors.cpp, dtype_from_safetensor_str): no F64, no FP8/FP4/FP6.
+MLX_LOADABLE = ("BOOL", "U8", "I8", "U16", "I16", "F16", "BF16", "U32", "I32", "F32", "C64", "U64", "I64")
+FLOAT_DTYPES = ("F32", "F16", "BF16")
 # Exponent-bit masks: a float is non-finite exactly when all its exponent bits are set.
 _EXPONENT_MASKS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000),
                    "F64": ("<u8", 0x7FF0000000000000)}
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# The safetensors library refuses a header longer than this (MAX_HEADER_SIZE in its tensor.rs); mlx too.
+MAX_HEADER_BYTES = 100_000_000
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 CHUNK = 8 * 1024 * 1024
 
@@ -65,62 +71,153 @@ def refuse_pickle(path: Path) -> None:
         )
 
 
+def _bad_file(path: Path, why: str) -> InvalidAdapterError:
+    return InvalidAdapterError(
+        f"{path} is not a valid safetensors file: {why}",
+        hint="re-save it with safetensors (mlx.core.save_safetensors or safetensors.numpy.save_file)",
+    )
+
+
 def read_header(path: Path) -> Header:
     """Parse and check a safetensors header without reading tensor data.
+
+    Applies the rules of the safetensors library (its Rust `read_metadata`), so a
+    file passes here exactly when safetensors itself would open it.
 
     Raises:
         InvalidAdapterError: the file is missing, truncated, or not safetensors.
     """
     path = Path(path)
     refuse_pickle(path)
-    bad = lambda why: InvalidAdapterError(  # noqa: E731
-        f"{path} is not a valid safetensors file: {why}",
-        hint="re-save it with safetensors (mlx.core.save_safetensors or safetensors.numpy.save_file)",
-    )
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise bad(f"{size} bytes is too short for a header")
+                raise _bad_file(path, f"{size} bytes is too short for a header")
             (length,) = struct.unpack("<Q", prefix)
-            if length > min(size - 8, MAX_HEADER_BYTES):
-                raise bad(f"header claims {length} bytes but the file has {size}")
+            # The limit first, as the library does: a huge length is refused without reading anything.
+            if length > MAX_HEADER_BYTES:
+                raise _bad_file(path, f"its header length is {length} bytes, over the format's limit of {MAX_HEADER_BYTES}")
+            if length > size - 8:
+                raise _bad_file(path, f"its header length is {length} bytes but only {size - 8} bytes follow "
+                                      "the 8-byte length prefix (truncated?)")
             raw = f.read(length)
     except FileNotFoundError:
         raise InvalidAdapterError(f"{path} does not exist", hint="check the path") from None
+    except IsADirectoryError:
+        raise InvalidAdapterError(f"{path} is a folder, not a safetensors file", hint="check the path") from None
+    return parse_header(prefix + raw, path, size - 8 - length)
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    # json.loads keeps the last of two equal keys; the format forbids them, and a reader
+    # that keeps the first would see other tensors than the ones checked here.
+    doc: dict = {}
+    for key, value in pairs:
+        if key in doc:
+            raise _Duplicate(key)
+        # Python reads a lone surrogate escape ("\\ud800") into a str that is not Unicode; serde_json refuses it.
+        key.encode("utf-8")
+        if isinstance(value, str):
+            value.encode("utf-8")
+        doc[key] = value
+    return doc
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _show(value: object, limit: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def quote_name(name: str, limit: int = 120) -> str:
+    """A tensor name for a one-line message: a name from a file may hold newlines or be huge."""
+    text = json.dumps(name, ensure_ascii=False)[1:-1]
+    return f"'{text if len(text) <= limit else text[:limit] + '…'}'"
+
+
+def _natural(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def parse_header(raw: bytes, path: Path, data_size: int | None = None) -> Header:
+    """Check a header given as its bytes (8-byte length prefix and JSON).
+
+    Args:
+        raw: the header as stored at the start of a file.
+        path: the file it belongs to (kept in the Header, named in errors).
+        data_size: bytes after the header; tensors must cover exactly these. None
+            when the data is not at hand (a header kept apart from its tensors).
+    """
+    path = Path(path)
+    if len(raw) < 8:
+        raise _bad_file(path, f"{len(raw)} bytes is too short for a header")
+    (length,) = struct.unpack("<Q", raw[:8])
+    text = raw[8:8 + length]
+    if not text.startswith(b"{"):
+        raise _bad_file(path, "its header does not start with '{'")
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"header is not JSON ({e})") from None
+        doc = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+    except UnicodeError:
+        raise _bad_file(path, "its header is not UTF-8 text") from None
+    except _Duplicate as e:
+        raise _bad_file(path, f"its header names {quote_name(str(e))} twice") from None
+    except RecursionError:
+        # Only a hostile header nests this deep: a real one is three levels (tensor, info, shape).
+        raise _bad_file(path, "its header is nested too deeply to be a safetensors header") from None
+    except ValueError as e:  # json.JSONDecodeError included
+        raise _bad_file(path, f"header is not JSON ({e})") from None
     if not isinstance(doc, dict):
-        raise bad("header is not a JSON object")
-    metadata = doc.pop("__metadata__", None) or {}
-    data_start = 8 + length
-    data_size = size - data_start
+        raise _bad_file(path, "header is not a JSON object")
+    metadata = doc.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _bad_file(path, "its __metadata__ is not a map of strings to strings")
     tensors: dict[str, TensorInfo] = {}
     for name, spec in doc.items():
-        try:
-            dtype, shape, (begin, end) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"tensor '{name}' has no dtype, shape and data_offsets") from None
-        if dtype not in DTYPE_SIZES:
-            raise bad(f"tensor '{name}' has unknown dtype {dtype!r}")
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise bad(f"tensor '{name}' has invalid shape {list(shape)}")
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size):
-            raise bad(f"tensor '{name}' lies outside the file (offsets {begin}..{end}, data is {data_size} bytes; truncated?)")
-        if end - begin != prod(shape) * DTYPE_SIZES[dtype]:
-            raise bad(f"tensor '{name}' of shape {list(shape)} {dtype} needs {prod(shape) * DTYPE_SIZES[dtype]} bytes, has {end - begin}")
-        tensors[name] = TensorInfo(dtype, shape, begin, end)
+        offsets = spec.get("data_offsets") if isinstance(spec, dict) else None
+        if not isinstance(spec, dict) or not {"dtype", "shape", "data_offsets"} <= spec.keys():
+            raise _bad_file(path, f"tensor {quote_name(name)} has no dtype, shape and data_offsets")
+        dtype, shape = spec["dtype"], spec["shape"]
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            raise _bad_file(path, f"tensor {quote_name(name)} has unknown dtype {_show(dtype)}")
+        if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+            raise _bad_file(path, f"tensor {quote_name(name)} has invalid shape {_show(shape)}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_natural(o) for o in offsets)):
+            raise _bad_file(path, f"tensor {quote_name(name)} has invalid data_offsets {_show(offsets)}")
+        begin, end = offsets
+        if end < begin or (data_size is not None and end > data_size):
+            raise _bad_file(path, f"tensor {quote_name(name)} lies outside the file (offsets {begin}..{end}, "
+                                  f"data is {data_size} bytes; truncated?)")
+        bits = prod(shape) * DTYPE_BITS[dtype]
+        if bits % 8:
+            raise _bad_file(path, f"tensor {quote_name(name)} of shape {shape} {dtype} is {bits} bits, not a whole number of bytes")
+        if end - begin != bits // 8:
+            raise _bad_file(path, f"tensor {quote_name(name)} of shape {shape} {dtype} needs {bits // 8} bytes, has {end - begin}")
+        tensors[name] = TensorInfo(dtype, tuple(shape), begin, end)
     position = 0
-    for name, t in sorted(tensors.items(), key=lambda kv: kv[1].begin):
+    # Ordered as the library orders them, by (begin, end): empty tensors may share an offset.
+    for name, t in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
         if t.begin != position:
-            raise bad(f"tensor '{name}' starts at {t.begin}, expected {position} (overlapping or gapped data)")
+            raise _bad_file(path, f"tensor {quote_name(name)} starts at {t.begin}, expected {position} (overlapping or gapped data)")
         position = t.end
-    if position != data_size:
-        raise bad(f"data section is {data_size} bytes but tensors cover {position} (truncated or padded)")
-    return Header(path, tensors, metadata, data_start)
+    if data_size is not None and position != data_size:
+        raise _bad_file(path, f"data section is {data_size} bytes but tensors cover {position} (truncated or padded)")
+    return Header(path, tensors, metadata, 8 + length)
+
+
+def unloadable_by_mlx(header: Header) -> dict[str, str]:
+    """Tensor name -> dtype, for every tensor that mlx.core.load refuses."""
+    return {k: t.dtype for k, t in sorted(header.tensors.items()) if t.dtype not in MLX_LOADABLE}
 
 
 def non_finite_tensors(header: Header) -> list[str]:
@@ -171,7 +268,8 @@ def copy_hashed(src: BinaryIO, dst: BinaryIO, progress: Progress | None = None) 
 # ---- streaming tensors in and out -------------------------------------------
 
 MLX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8",
-              "I32": "int32", "I8": "int8", "U16": "uint16", "I16": "int16", "I64": "int64", "U64": "uint64", "BOOL": "bool_"}
+              "I32": "int32", "I8": "int8", "U16": "uint16", "I16": "int16", "I64": "int64", "U64": "uint64", "BOOL": "bool_",
+              "C64": "complex64"}
 _BIT_VIEWS = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
 
 

@@ -191,3 +191,36 @@ def test_a_dora_rslora_folder_saved_by_peft_imports_and_agrees(cli, registry, ti
     model, _ = load(str(tiny_model), adapter_path=str(tmp_path / "mlx"))
     ours = np.array(model(mx.array([TOKENS]))[0])
     assert np.abs(peft_logits(tiny_model, tmp_path / "peft") - ours).max() < 1e-4
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ('"lora_alpha": 16', '"lora_alpha": 1e999', "is damaged: number 1e999 overflows to infinity"),
+    ('"lora_alpha": 16', '"lora_alpha": NaN', "adapter_config.json"),
+    ('"r": 4', '"r": 0', "has r 0; a rank is a whole number of at least 1"),
+    ('"lora_dropout": 0.05', '"lora_dropout": 1.0', "has lora_dropout 1.0; it must be a number from 0 up to"),
+    ('"lora_dropout": 0.05', '"lora_dropout": -0.1', "has lora_dropout -0.1"),
+])
+def test_non_finite_or_out_of_range_numbers_are_refused(cli, registry, tiny_model, tmp_path, old, new, message):
+    # scale = lora_alpha / r: an infinite alpha or a zero rank would fuse into NaN weights (or divide by zero).
+    write_peft_folder(tmp_path / "peft", tiny_model, peft_config())
+    path = tmp_path / "peft" / "adapter_config.json"
+    assert old in path.read_text()
+    path.write_text(path.read_text().replace(old, new))
+    before = snapshot(registry.root)
+    code, _, err = cli("import", tmp_path / "peft", "--name", "refused", "--base", tiny_model)
+    assert code == 1 and message in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert snapshot(registry.root) == before
+
+
+@pytest.mark.parametrize("dtype, message", [("float64", "is F64, which mlx cannot load"),
+                                            ("int32", "is I32, and LoRA weights must be floating point")])
+def test_weights_mlx_cannot_use_are_refused_before_conversion(cli, registry, tiny_model, tmp_path, dtype, message):
+    from safetensors.numpy import save_file
+
+    write_peft_folder(tmp_path / "peft", tiny_model, peft_config())
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    save_file({k: np.array(v).astype(dtype) for k, v in mx.load(str(weights)).items()}, str(weights), metadata={"format": "pt"})
+    before = snapshot(registry.root)
+    code, _, err = cli("import", tmp_path / "peft", "--name", "refused", "--base", tiny_model)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert snapshot(registry.root) == before

@@ -38,7 +38,7 @@ def test_garbage_header_is_refused(tmp_path):
     with pytest.raises(InvalidAdapterError, match="too short"):
         read_header(path)
     path.write_bytes(struct.pack("<Q", 10 ** 9) + b"{}")
-    with pytest.raises(InvalidAdapterError, match="header claims"):
+    with pytest.raises(InvalidAdapterError, match="over the format's limit"):
         read_header(path)
 
 
@@ -80,3 +80,83 @@ def test_streaming_sha256_matches_hashlib(tmp_path):
     seen = []
     assert sha256_file(path, seen.append) == hashlib.sha256(path.read_bytes()).hexdigest()
     assert sum(seen) == path.stat().st_size
+
+
+def _craft(path, header, data=b"", length=None):
+    raw = header.encode() if isinstance(header, str) else header
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+def _tensor(name, dtype="F32", shape=(1,), offsets=(0, 4)):
+    return f'"{name}":{{"dtype":"{dtype}","shape":{json.dumps(list(shape))},"data_offsets":{json.dumps(list(offsets))}}}'
+
+
+# Headers the safetensors library refuses (its Rust read_metadata) and read_header used to let through
+# or crash on. (id, header, data, length prefix if not the header's, what the refusal says)
+_DEEP = '{"a":' * 100_000 + "1" + "}" * 100_000
+REFUSED_HEADERS = [
+    ("metadata not an object", '{"__metadata__":["format","mlx"]}', b"", None, "__metadata__ is not a map of strings to strings"),
+    ("metadata value not a string", '{"__metadata__":{"format":1}}', b"", None, "__metadata__ is not a map of strings to strings"),
+    ("header just over the limit", "{}", b"", 100_000_001, "header length is 100000001 bytes, over the format's limit of 100000000"),
+    ("tensor named twice", "{" + _tensor("a") + "," + _tensor("a", offsets=(4, 8)) + "}", bytes(8), None, "header names 'a' twice"),
+    ("nested past the recursion limit", _DEEP, b"", None, "nested too deeply"),
+    ("bool as a dimension", "{" + _tensor("a", shape=(True, 4), offsets=(0, 16)) + "}",
+     bytes(16), None, "invalid shape [true, 4]"),
+    ("three data offsets", "{" + _tensor("a", offsets=(0, 4, 4)) + "}", bytes(4), None, "invalid data_offsets [0, 4, 4]"),
+    ("dtype not a string", "{" + _tensor("a").replace('"F32"', '["F32"]') + "}", bytes(4), None, 'unknown dtype ["F32"]'),
+    ("NaN offset", "{" + _tensor("a").replace("[0, 4]", "[0, NaN]") + "}", bytes(4), None, "NaN is not JSON"),
+    ("lone surrogate in a name", "{" + _tensor("\\ud800") + "}", bytes(4), None, "not UTF-8 text"),
+    ("half a byte of F4", "{" + _tensor("a", dtype="F4", shape=(3,), offsets=(0, 2)) + "}", bytes(2), None,
+     "is 12 bits, not a whole number of bytes"),
+]
+
+
+@pytest.mark.parametrize("case,header,data,length,message", REFUSED_HEADERS, ids=[c[0] for c in REFUSED_HEADERS])
+def test_headers_the_safetensors_library_refuses_are_refused(tmp_path, case, header, data, length, message):
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = _craft(tmp_path / "w.safetensors", header, data, length)
+    with pytest.raises(InvalidAdapterError) as info:
+        read_header(path)
+    assert message in info.value.message and "\n" not in str(info.value)
+    with pytest.raises(SafetensorError):  # the rule is the library's, not ours
+        load_file(str(path))
+
+
+def test_header_must_start_with_a_brace(tmp_path):
+    # The format says MUST; json.loads would skip the blank and read what follows.
+    path = _craft(tmp_path / "w.safetensors", " {}")
+    with pytest.raises(InvalidAdapterError, match="does not start with '{'"):
+        read_header(path)
+
+
+@pytest.mark.parametrize("length", [100_000_000, 10])
+def test_header_length_past_the_end_says_how_much_follows(tmp_path, length):
+    # 100,000,000 is still within the limit: what is wrong is that the file is shorter than it says.
+    path = _craft(tmp_path / "w.safetensors", "{}", length=length)
+    size = path.stat().st_size
+    with pytest.raises(InvalidAdapterError) as info:
+        read_header(path)
+    assert f"header length is {length} bytes but only {size - 8} bytes follow" in info.value.message
+    assert "limit" not in info.value.message
+
+
+def test_empty_tensors_may_share_an_offset_in_any_order(tmp_path):
+    from safetensors.numpy import load_file
+
+    header = "{" + ",".join([_tensor("a"), _tensor("b", offsets=(4, 8)), _tensor("e", shape=(0,), offsets=(4, 4))]) + "}"
+    path = _craft(tmp_path / "w.safetensors", header, bytes(8))
+    assert set(load_file(str(path))) == {"a", "b", "e"}
+    assert read_header(path).structure() == {"a": ["F32", [1]], "b": ["F32", [1]], "e": ["F32", [0]]}
+
+
+def test_files_written_by_the_safetensors_library_are_read(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"x": np.zeros((2, 2), np.float64), "empty": np.zeros((0, 3), np.float32)}, str(path), metadata={"format": "np"})
+    header = read_header(path)
+    assert header.structure() == {"empty": ["F32", [0, 3]], "x": ["F64", [2, 2]]}
+    assert header.metadata == {"format": "np"}

@@ -7,13 +7,15 @@ config can lie and the tensors cannot.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
 from ..errors import InvalidAdapterError, NotFoundError
-from ..safetensors_io import Header, non_finite_tensors, read_header, refuse_pickle
+from ..safetensors_io import (FLOAT_DTYPES, MLX_LOADABLE, Header, non_finite_tensors, quote_name, read_header,
+                              refuse_pickle)
 from ..schemas import validate
 from ..store import read_json
 
@@ -93,6 +95,46 @@ def read_adapter_folder(folder: Path, checkpoint: str | None = None) -> ParsedAd
     return derive(config_path, weights_path, config, header)
 
 
+def is_real(value: object) -> bool:
+    """A finite JSON number: json.loads reads NaN, Infinity and 1e999 as floats, and bool is an int."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """A config value for a one-line message, however long the file made it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def check_dropout(where: Path, value: object, key: str = "dropout") -> None:
+    # mlx.nn.Dropout refuses p = 1 (it would divide by zero), and p < 0 means nothing.
+    if value is not None and not (is_real(value) and 0 <= value < 1):
+        raise _bad(where, f"has {key} {shown(value)}; it must be a number from 0 up to (not including) 1")
+
+
+def _check_numbers(config_path: Path, params: dict, what: str) -> None:
+    """Refuse what mlx-lm would train or fuse with but never meant: NaN/inf scales, zero ranks, dropout 1."""
+    if "rank" in params and not (isinstance(params["rank"], int) and not isinstance(params["rank"], bool)
+                                 and params["rank"] >= 1):
+        raise _bad(config_path, f"has {what}.rank {shown(params['rank'])}; a rank is a whole number of at least 1")
+    if "scale" in params and not is_real(params["scale"]):
+        raise _bad(config_path, f"has {what}.scale {shown(params['scale'])}; it must be a finite number",
+                   hint="fusing with it would write NaN or infinite weights; set the scale used in training")
+    check_dropout(config_path, params.get("dropout"), f"{what}.dropout")
+
+
+def _check_dtypes(weights_path: Path, header: Header) -> None:
+    """Adapter weights are floating point in a dtype mlx loads: anything else only fails later, inside mlx."""
+    for key, info in sorted(header.tensors.items()):
+        if info.dtype in FLOAT_DTYPES:
+            continue
+        if info.dtype not in MLX_LOADABLE:
+            raise _bad(weights_path, f"tensor {quote_name(key)} is {info.dtype}, which mlx cannot load",
+                       hint="convert it to float32, float16 or bfloat16 and save it again")
+        raise _bad(weights_path, f"tensor {quote_name(key)} is {info.dtype}; adapter weights must be floating point "
+                                 f"({', '.join(FLOAT_DTYPES)})", hint="save the adapter's weights as floats")
+
+
 _INTERVENTION = re.compile(r"^(?:.*\.)?layers\.(\d+)\.interventions\.(\d+)\.(rotate|learned_source\.weight|learned_source\.bias)$")
 
 
@@ -103,11 +145,12 @@ def _derive_loreft(config_path: Path, weights_path: Path, config: dict, header: 
     params = config.get("loreft_parameters")
     if not isinstance(params, dict):
         raise _bad(config_path, "says fine_tune_type 'loreft' but has no loreft_parameters", hint="train it with 'adapterhub train --kind loreft'")
+    _check_numbers(config_path, {k: params[k] for k in ("rank", "dropout") if k in params}, "loreft_parameters")
     found: dict[tuple[int, int], dict[str, tuple]] = {}
     for key, info in header.tensors.items():
         match = _INTERVENTION.match(key)
         if not match:
-            raise _bad(weights_path, f"tensor '{key}' is not a LoReFT parameter (rotate, learned_source.weight/bias)")
+            raise _bad(weights_path, f"tensor {quote_name(key)} is not a LoReFT parameter (rotate, learned_source.weight/bias)")
         found.setdefault((int(match.group(1)), int(match.group(2))), {})[match.group(3)] = tuple(info.shape)
     rank, hidden = params["rank"], params["hidden_size"]
     expected = {"rotate": (rank, hidden), "learned_source.weight": (rank, hidden), "learned_source.bias": (rank,)}
@@ -140,6 +183,7 @@ def derive(config_path: Path, weights_path: Path, config: dict, header: Header, 
     """Everything recorded about an adapter, from its tensors, checked against its config."""
     if not header.tensors:
         raise _bad(weights_path, "holds no tensors")
+    _check_dtypes(weights_path, header)
     fine_tune_type = config.get("fine_tune_type", "lora")
     if fine_tune_type == "loreft":
         return _derive_loreft(config_path, weights_path, config, header, check_values)
@@ -148,8 +192,9 @@ def derive(config_path: Path, weights_path: Path, config: dict, header: Header, 
     modules: dict[str, dict[str, tuple]] = {}
     for key, info in header.tensors.items():
         module, _, leaf = key.rpartition(".")
-        if leaf not in ("lora_a", "lora_b", "m") or not module:
-            raise _bad(weights_path, f"tensor '{key}' is not a LoRA/DoRA parameter (lora_a, lora_b or m)")
+        # A name goes into one-line messages and records: control characters have no place in a module path.
+        if leaf not in ("lora_a", "lora_b", "m") or not module or not key.isprintable():
+            raise _bad(weights_path, f"tensor {quote_name(key)} is not a LoRA/DoRA parameter (lora_a, lora_b or m)")
         modules.setdefault(module, {})[leaf] = info.shape
     ranks, layers, targets, shapes = set(), set(), set(), {}
     has_magnitude = False
@@ -181,6 +226,7 @@ def derive(config_path: Path, weights_path: Path, config: dict, header: Header, 
         raise _bad(config_path, f"says fine_tune_type '{fine_tune_type}' but the tensors are {kind.upper()} "
                    f"({'with' if has_magnitude else 'without'} magnitude vectors 'm')")
     params = config.get("lora_parameters") or {}
+    _check_numbers(config_path, params, "lora_parameters")
     if "rank" in params and params["rank"] != rank:
         raise _bad(config_path, f"says rank {params['rank']} but the tensors have rank {rank}")
     if "scale" not in params:

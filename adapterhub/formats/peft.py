@@ -16,8 +16,10 @@ from math import sqrt
 from pathlib import Path
 
 from ..errors import InvalidAdapterError, NotFoundError
-from ..safetensors_io import StreamingWriter, build_header, read_bits, read_header, refuse_pickle
+from ..safetensors_io import (FLOAT_DTYPES, MLX_LOADABLE, StreamingWriter, build_header, quote_name, read_bits,
+                              read_header, refuse_pickle)
 from ..store import read_json, write_json
+from .mlx import is_real, shown
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -66,9 +68,23 @@ def read_config(folder: Path) -> dict:
     if not isinstance(config.get("r"), int) or not isinstance(config.get("lora_alpha"), (int, float)):
         raise InvalidAdapterError(f"{folder / CONFIG_FILE} lacks an integer 'r' or a numeric 'lora_alpha'",
                                   hint="is it the adapter_config.json PEFT wrote?")
+    # The scale mlx-lm gets is lora_alpha / r: a NaN, an infinity or a zero rank would fuse into NaN weights.
+    if isinstance(config["r"], bool) or config["r"] < 1:
+        raise _bad_number(folder, f"r {shown(config['r'])}; a rank is a whole number of at least 1")
+    if not is_real(config["lora_alpha"]):
+        raise _bad_number(folder, f"lora_alpha {shown(config['lora_alpha'])}; it must be a finite number")
+    dropout = config.get("lora_dropout")
+    if dropout is not None and not (is_real(dropout) and 0 <= dropout < 1):
+        raise _bad_number(folder, f"lora_dropout {shown(dropout)}; it must be a number from 0 up to (not including) 1")
+    if config.get("use_rslora") not in (None, True, False) or config.get("use_dora") not in (None, True, False):
+        raise _bad_number(folder, "a use_rslora or use_dora that is not true or false")
     if not (folder / WEIGHTS_FILE).is_file():
         raise NotFoundError(f"{folder} has no {WEIGHTS_FILE}", hint="save the adapter with PeftModel.save_pretrained (safetensors is its default)")
     return config
+
+
+def _bad_number(folder: Path, what: str) -> InvalidAdapterError:
+    return InvalidAdapterError(f"{folder / CONFIG_FILE} has {what}", hint="is it the adapter_config.json PEFT wrote?")
 
 
 def scale_of(config: dict) -> float:
@@ -86,10 +102,16 @@ def to_mlx(folder: Path, out: Path) -> dict:
     for key in sorted(header.tensors):
         match = _KEY.match(key)
         if not match:
-            raise _refuse(folder, f"tensor '{key}' is not a LoRA parameter of a linear layer "
+            raise _refuse(folder, f"tensor {quote_name(key)} is not a LoRA parameter of a linear layer "
                                   "(embedding LoRA and extra trained weights do not convert)")
         module, leaf = match.group("module"), _TO_MLX[match.group("leaf")]
         info = header.tensors[key]
+        if info.dtype not in FLOAT_DTYPES:
+            # Checked before any bits move: the converted file must be one mlx loads, with float updates.
+            why = "which mlx cannot load" if info.dtype not in MLX_LOADABLE else "and LoRA weights must be floating point"
+            raise InvalidAdapterError(f"{folder / WEIGHTS_FILE}: tensor {quote_name(key)} is {info.dtype}, {why}",
+                                      hint="save the PEFT adapter in float32, float16 or bfloat16 "
+                                           "(model.to(torch.float32) before save_pretrained)")
         shape = tuple(reversed(info.shape)) if leaf != "m" else tuple(info.shape)
         entries.append((f"{module}.{leaf}", info.dtype, shape))
         sources[f"{module}.{leaf}"] = key
