@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import CorruptRegistryError
 from .fingerprint import hash_files
-from .lineage import Lineage, Node, ancestors
+from .lineage import Lineage, Node, ancestors, safe_member
 from .registry import RECORD_FILE, Registry
 from .store import read_json
 
@@ -61,9 +62,18 @@ class _Checker:
         status = "changed" if changed else "missing" if missing else "ok"
         return status, changed + missing or [f"{len(present)} file(s) re-hashed in {where}"]
 
-    def files(self, folder: Path, recorded: list[dict], what: str) -> tuple[str, list[str]]:
+    def files(self, folder: Path, recorded: list[dict], what: str, nested: bool = False) -> tuple[str, list[str]]:
         if not folder.is_dir():
             return "missing", [f"{what} folder is gone (last seen at {folder})"]
+        # Names come from records anyone could have edited: one that leaves the folder is reported, never read.
+        unsafe = []
+        for f in recorded:
+            try:
+                safe_member(f["name"], f"the {what} record", nested)
+            except CorruptRegistryError as e:
+                unsafe.append(f"unsafe: {e.message}; not read")
+        if unsafe:
+            return "changed", unsafe
         return self._compare({f["name"]: folder / f["name"] for f in recorded}, recorded, str(folder))
 
     def blobs(self, recorded: list[dict]) -> tuple[str, list[str]]:
@@ -82,7 +92,7 @@ class _Checker:
         if node.kind == "base":
             return Finding(node, *self.files(Path(r["path"]), r["files"], "base model"))
         if node.kind == "dataset":
-            return Finding(node, *self.files(Path(r["path"]), r["files"], "dataset"))
+            return Finding(node, *self.files(Path(r["path"]), r["files"], "dataset", nested=True))
         if node.kind == "fused":
             return self.fused(node, root_dir)
         # A checkpoint's hash was taken as the lineage was read; its metadata names its origins.

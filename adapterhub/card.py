@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from .lineage import Node, Walker, ancestors, to_tree, walk_up
+from .lineage import Node, Walker, ancestors, folder_record, to_tree, walk_up
 from .registry import RECORD_FILE, AdapterVersion, Registry
 from .store import read_json
 
@@ -126,5 +126,6 @@ def card(registry: Registry, target: str) -> str:
     if path.is_dir():
         record = read_json(path / RECORD_FILE)
         if isinstance(record, dict) and "adapters" in record:
-            return fused_card(registry, record, path)
+            # The folder's record is untrusted text: the registry's copy, or a checked one, goes into the card.
+            return fused_card(registry, folder_record(Walker(registry), path), path)
     return adapter_card(registry, registry.resolve(target))

@@ -13,17 +13,23 @@ from pathlib import Path
 from .card import adapter_card
 from .errors import AdapterHubError
 from .formats import peft as peft_format
+from .lineage import safe_member
 from .registry import RECORD_FILE, Registry
-from .store import atomic_write, staged_folder, write_json
+from .store import atomic_write, write_json
 
-def export(registry: Registry, ref: str, out_dir: Path | str, format: str = "mlx") -> list[Path]:
-    """Write the folder; mlx weights are byte-identical to what was imported, PEFT's are their exact transpose."""
+
+def export(registry: Registry, ref: str, out_dir: Path | str, format: str = "mlx", force: bool = False) -> list[Path]:
+    """Write the folder; mlx weights are byte-identical to what was imported, PEFT's are their exact transpose.
+
+    `out_dir` follows store.check_output: never in the registry, never over an existing
+    folder unless `force`.
+    """
     version = registry.resolve(ref)
     if format == "peft" and version.record["kind"] == "loreft":
         raise AdapterHubError(f"{version.ref} is a LoReFT adapter, which PEFT's LoRA format cannot hold",
                               hint="export it with --format mlx; adapterhub generate and adapterhub.loreft.load_folder load it")
     out = Path(out_dir)
-    with staged_folder(out, "export") as staging:
+    with registry.staged_output(out, "export", force=force) as staging:
         if format == "mlx":
             copy_stored_files(registry, version, staging)
         else:
@@ -38,6 +44,8 @@ def export(registry: Registry, ref: str, out_dir: Path | str, format: str = "mlx
 def copy_stored_files(registry: Registry, version, folder: Path) -> None:
     """The version's files as imported (adapters.safetensors, adapter_config.json), byte for byte."""
     for f in version.record["files"]:
+        # A catalogue file edited by hand must not steer the copy outside `folder`.
+        safe_member(f["name"], f"the record of {version.ref}")
         with open(registry.objects.verified(f["sha256"], f"{f['name']} of {version.ref}"), "rb") as src, atomic_write(Path(folder) / f["name"]) as dst:
             shutil.copyfileobj(src, dst, 8 << 20)
 

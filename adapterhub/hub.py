@@ -27,8 +27,8 @@ def is_repo_id(text: str) -> bool:
 
 
 @contextmanager
-def _hub_errors(what: str) -> Iterator[None]:
-    """huggingface_hub's exceptions, as one line that says what to do."""
+def _hub_errors(what: str, upload: bool = False) -> Iterator[None]:
+    """huggingface_hub's exceptions, as one line that says what to do (an upload has no cache to fall back on)."""
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
@@ -41,7 +41,8 @@ def _hub_errors(what: str) -> Iterator[None]:
                             hint="check the repo id, and set HF_TOKEN to a token that can read it") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         raise NotFoundError(f"{what}: not in the local Hugging Face cache and the Hub is unreachable ({_first_line(e)})",
-                            hint="connect and retry, or download it first with 'hf download REPO_ID'") from None
+                            hint="connect and retry, with HF_HUB_OFFLINE unset" if upload
+                            else "connect and retry, or download it first with 'hf download REPO_ID'") from None
     except HfHubHTTPError as e:
         raise AdapterHubError(f"{what}: the Hub answered {_first_line(e)}",
                               hint="check HF_TOKEN (it needs write access to push) and the repo id") from None
@@ -83,7 +84,7 @@ def push(registry: Registry, ref: str, repo_id: str, private: bool = False, revi
         from huggingface_hub import HfApi
 
         api = HfApi()
-        with _hub_errors(f"push to {repo_id}"):
+        with _hub_errors(f"push to {repo_id}", upload=True):
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision:
                 api.create_branch(repo_id, branch=revision, exist_ok=True)

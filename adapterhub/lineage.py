@@ -14,12 +14,72 @@ The graph renders as a terminal tree, JSON, Graphviz dot and Mermaid.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import AdapterHubError, NotFoundError
+from .errors import AdapterHubError, CorruptRegistryError, NotFoundError
 from .registry import RECORD_FILE, VERSION_RELATIONS, AdapterVersion, Registry
+from .schemas import validate
 from .store import read_json
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def safe_member(name: object, where: object, nested: bool = False) -> str:
+    """`name`, read from a record, checked to name a file inside the record's folder.
+
+    A record is text anyone can edit: a name such as `../../etc/passwd` or `/etc/passwd`
+    would send a reader (audit, export, unfuse) outside the folder. `nested` allows
+    sub-folders (a dataset's `data/train.jsonl`), never `..`, `.`, empty parts or a root.
+
+    Raises:
+        CorruptRegistryError: naming the record and the offending name.
+    """
+    parts = name.split("/") if isinstance(name, str) else []
+    if (not parts or "\x00" in name or "\\" in name or any(part in ("", ".", "..") for part in parts)
+            or (len(parts) > 1 and not nested)):
+        what = "a relative path inside its folder" if nested else "a plain file name inside its folder"
+        raise CorruptRegistryError(f"{where} names the file {name!r}, which is not {what}",
+                                   hint="the record was edited or damaged; restore it from a trusted copy")
+    return name
+
+
+def folder_record(walker: "Walker", folder: Path) -> dict:
+    """The record a fused or exported folder carries, in a shape safe to walk and to read files by.
+
+    The registry's own record wins when it knows the hash; otherwise the folder's
+    `adapterhub.json` is all there is, and it is untrusted: it must match its schema,
+    and every file it names must lie inside the folder.
+
+    Raises:
+        NotFoundError: the folder carries no record.
+        SchemaError, CorruptRegistryError: the record is not one adapterhub wrote.
+    """
+    where = folder / RECORD_FILE
+    record = read_json(where)
+    if not isinstance(record, dict):
+        raise NotFoundError(f"{folder} has no {RECORD_FILE}, so adapterhub did not write it",
+                            hint="give a version ref, or a folder made by 'adapterhub fuse' or 'adapterhub export'")
+    if not (isinstance(record.get("sha256"), str) and _SHA256.fullmatch(record["sha256"])):
+        raise CorruptRegistryError(f"{where} has no valid sha256", hint="give a folder made by 'adapterhub fuse' or 'adapterhub export'")
+    if "adapters" in record:
+        known = walker._fused.get(record["sha256"])
+        if known:
+            return known
+        validate(record, "fused_model", what=str(where))
+        for f in record["files"]:
+            safe_member(f["name"], where)
+        return record
+    if not isinstance(record.get("ref"), str):
+        raise CorruptRegistryError(f"{where} names no version ref", hint="give a folder made by 'adapterhub export'")
+    if walker.adapter_by_ref(record["ref"], record["sha256"]).found:
+        return record
+    # Unknown here, so the walk follows this record's parents, base and dataset: they must have the shape ours have.
+    validate({k: v for k, v in record.items() if k not in ("ref", "aliases")}, "adapter_version", what=str(where))
+    for f in record["files"]:
+        safe_member(f["name"], where)
+    return record
 
 
 @dataclass
@@ -195,12 +255,9 @@ def start_node(walker: Walker, target: str) -> Node:
     if path.is_file() and path.suffix == ".safetensors":
         return walker.checkpoint(path)
     if path.is_dir():
-        record = read_json(path / RECORD_FILE)
-        if not isinstance(record, dict):
-            raise NotFoundError(f"{path} has no {RECORD_FILE}, so adapterhub did not write it",
-                                hint="give a version ref, or a folder made by 'adapterhub fuse' or 'adapterhub export'")
+        record = folder_record(walker, path)
         if "adapters" in record:
-            return walker.fused(record["sha256"], str(path.resolve()), walker._fused.get(record["sha256"]) or record)
+            return walker.fused(record["sha256"], str(path.resolve()), record)
         return walker.adapter_by_ref(record["ref"], record["sha256"], record)
     return walker.adapter(walker.registry.resolve(target))
 

@@ -19,10 +19,30 @@ from tinydb import TinyDB
 from tinydb.storages import Storage
 
 from .errors import CorruptRegistryError, AdapterHubError
+from .naming import is_sha256
 from .safetensors_io import Progress, copy_hashed, sha256_file
 
 TMP_SUFFIX = ".tmp"
-LOCK_TIMEOUT_S = float(os.environ.get("ADAPTERHUB_LOCK_TIMEOUT", "300"))
+ENV_LOCK_TIMEOUT = "ADAPTERHUB_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT_S = 300.0
+# Deeper than any record, config or header we write or read; deep enough input is an attack, not data.
+MAX_JSON_DEPTH = 64
+REGISTRY_MARKER = "registry.json"
+
+
+def lock_timeout_s() -> float:
+    """Seconds to wait for the registry lock; read when a lock is taken, so a bad value is one clear error."""
+    raw = os.environ.get(ENV_LOCK_TIMEOUT, "").strip()
+    if not raw:
+        return DEFAULT_LOCK_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (0 <= value < float("inf")):
+        raise AdapterHubError(f"{ENV_LOCK_TIMEOUT}={raw!r} is not a number of seconds",
+                              hint="set it to a number of seconds such as 300, or unset it")
+    return value
 
 
 def _fsync_dir(path: Path) -> None:
@@ -56,52 +76,160 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator:
     _fsync_dir(path.parent)
 
 
-def require_new_folder(out: Path) -> None:
-    """Refuse to write into a folder that already has something in it."""
+def enclosing_registry(path: Path) -> Path | None:
+    """The registry folder `path` is in (or is), found by its marker file; None outside any registry."""
+    for folder in (path, *path.parents):
+        if (folder / REGISTRY_MARKER).is_file() and (folder / "objects").is_dir():
+            return folder
+    return None
+
+
+def check_output(out: Path, inputs: tuple[Path, ...] = (), force: bool = False, folder: bool = True) -> Path:
+    """The one rule for every path a user names for output (--out, export DIR, card --out).
+
+    Never inside a registry or over one, never inside or over a folder the command reads,
+    never over an existing file or non-empty folder unless `force` (which never lifts the
+    first two rules). Returns the resolved path.
+
+    Raises:
+        ConflictError: naming the rule broken and what to give instead.
+    """
     from .errors import ConflictError
 
-    if out.exists() and any(out.iterdir()):
-        raise ConflictError(f"{out} exists and is not empty", hint="give a new folder for --out")
+    target = Path(out).expanduser().resolve()
+    registry = enclosing_registry(target)
+    if registry is not None:
+        raise ConflictError(f"{out} is inside the registry at {registry}; adapterhub never writes there on request",
+                            hint="give a path outside the registry")
+    for given in inputs:
+        source = Path(given).expanduser().resolve()
+        if target == source or source in target.parents:
+            raise ConflictError(f"{out} is inside {given}, which this command reads", hint="give a path outside it")
+        if target in source.parents:
+            raise ConflictError(f"{out} contains {given}, which this command reads", hint="give a path outside it")
+    if target.exists():
+        if target.is_dir() != folder:
+            raise ConflictError(f"{out} exists and is a {'folder' if target.is_dir() else 'file'}",
+                                hint=f"give the path of a new {'folder' if folder else 'file'}")
+        occupied = any(target.iterdir()) if folder else True
+        if occupied and not force:
+            what = "is not empty" if folder else "already exists"
+            raise ConflictError(f"{out} {what}", hint="give a new path, or pass --force to replace it")
+        if occupied and folder and any(target.rglob(REGISTRY_MARKER)):
+            # --force replaces the folder: never one that holds a registry.
+            raise ConflictError(f"{out} holds a registry, which --force would destroy", hint="give a path outside it")
+    return target
+
+
+def require_new_folder(out: Path, inputs: tuple[Path, ...] = (), force: bool = False) -> None:
+    """check_output for a folder, for plans that refuse early (before any work) and write later."""
+    check_output(out, inputs, force, folder=True)
 
 
 @contextmanager
-def staged_folder(out: Path, purpose: str) -> Iterator[Path]:
+def staged_folder(out: Path, purpose: str, inputs: tuple[Path, ...] = (), force: bool = False) -> Iterator[Path]:
     """A hidden sibling folder to fill, renamed to `out` when the block succeeds and removed when it fails,
-    so `out` is either complete or absent."""
+    so `out` is either complete or absent (with `force`, what was there stays until the new one is whole)."""
     import shutil
 
     out = Path(out)
-    require_new_folder(out)
-    staging = out.parent / f".{out.name}.{purpose}-{os.getpid()}.tmp"
+    check_output(out, inputs, force, folder=True)
+    staging = out.parent / f".{out.name}.{purpose}-{os.getpid()}{TMP_SUFFIX}"
     staging.mkdir(parents=True)
     try:
         yield staging
+        replaced = None
         if out.exists():
-            out.rmdir()
+            if any(out.iterdir()):
+                replaced = out.parent / f".{out.name}.replaced-{os.getpid()}{TMP_SUFFIX}"
+                os.replace(out, replaced)
+            else:
+                out.rmdir()
         os.replace(staging, out)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
+def write_output_file(out: Path, text: str, inputs: tuple[Path, ...] = (), force: bool = False) -> Path:
+    """A user-named output file (card --out), under check_output's rule, written atomically."""
+    check_output(out, inputs, force, folder=False)
+    with atomic_write(Path(out), "w") as f:
+        f.write(text)
+    return Path(out)
+
+
+def dump_json(doc: object, where: object, **options) -> str:
+    """Standard JSON only: a NaN or infinity would be written as tokens no other reader accepts (nor read_json)."""
+    try:
+        return json.dumps(doc, allow_nan=False, sort_keys=True, **options)
+    except ValueError as e:
+        raise AdapterHubError(f"refusing to write {where}: {e}", hint="a non-finite number came from the input; fix it there") from None
+
+
 def write_json(path: Path, doc: object) -> None:
+    text = dump_json(doc, path, indent=2) + "\n"
     with atomic_write(path, "w") as f:
-        f.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        f.write(text)
+
+
+def _refuse_constant(name: str) -> float:
+    # Python's json reads NaN and Infinity, which no JSON standard allows and no config can mean.
+    raise ValueError(f"non-standard number {name}")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} overflows to infinity")
+    return value
+
+
+def parse_json(text: str | bytes, where: object) -> object:
+    """Strict JSON: no NaN/Infinity, nesting at most MAX_JSON_DEPTH deep.
+
+    Raises:
+        CorruptRegistryError: "`where` is damaged: …", for any file that is not such JSON.
+    """
+    try:
+        doc = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        _check_depth(doc, where)
+        return doc
+    except json.JSONDecodeError as e:
+        problem = f"{e.msg} at line {e.lineno}"
+    except (ValueError, RecursionError) as e:
+        problem = "nesting too deep" if isinstance(e, RecursionError) else str(e)
+    raise CorruptRegistryError(f"{where} is damaged: {problem}",
+                               hint="restore it from a backup or remove it; then run 'adapterhub verify'")
+
+
+def _check_depth(doc: object, where: object) -> None:
+    # Iterative, so the check itself cannot overflow the stack it protects.
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
 def read_json(path: Path, default: object = None) -> object:
     """Read a JSON file; a missing file gives `default`, a damaged one CorruptRegistryError."""
     try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
+        text = Path(path).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
         return default
+    except IsADirectoryError:
+        raise CorruptRegistryError(f"{path} is a folder, not a JSON file", hint="remove it or give the file") from None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CorruptRegistryError(
-            f"{path} is damaged: {e.msg} at line {e.lineno}",
-            hint="restore it from a backup or remove it; then run 'adapterhub verify'",
-        ) from None
+        text = text.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptRegistryError(f"{path} is damaged: not UTF-8 text",
+                                   hint="restore it from a backup or remove it; then run 'adapterhub verify'") from None
+    return parse_json(text, path)
 
 
 class AtomicJSONStorage(Storage):
@@ -119,8 +247,9 @@ class AtomicJSONStorage(Storage):
 
     def write(self, data) -> None:
         # json.dumps, not json.dump: only the one-shot path uses the C encoder.
+        text = dump_json(data, self.path, separators=(",", ":"))
         with atomic_write(self.path, "w") as f:
-            f.write(json.dumps(data, separators=(",", ":"), sort_keys=True))
+            f.write(text)
 
     def close(self) -> None:
         pass
@@ -149,14 +278,14 @@ class RegistryLock:
         from filelock import FileLock, Timeout
 
         if self._lock is None:
-            self._lock = FileLock(str(self.path), timeout=LOCK_TIMEOUT_S)
+            self._lock = FileLock(str(self.path), timeout=lock_timeout_s())
         try:
             with self._lock:
                 yield
         except Timeout:
             raise AdapterHubError(
-                f"the registry is locked by another process (waited {LOCK_TIMEOUT_S:.0f} s for {self._lock.lock_file})",
-                hint="wait for the other adapterhub command to finish, or raise ADAPTERHUB_LOCK_TIMEOUT",
+                f"the registry is locked by another process (waited {self._lock.timeout:.0f} s for {self._lock.lock_file})",
+                hint=f"wait for the other adapterhub command to finish, or raise {ENV_LOCK_TIMEOUT}",
             ) from None
 
 
@@ -167,6 +296,9 @@ class ObjectStore:
         self.root = Path(root)
 
     def path(self, sha256: str) -> Path:
+        # A sha256 comes from records anyone can edit: anything but 64 hex digits could walk out of objects/.
+        if not is_sha256(sha256):
+            raise CorruptRegistryError(f"{str(sha256)[:80]!r} is not a sha256", hint="run 'adapterhub verify'")
         return self.root / sha256[:2] / sha256
 
     def has(self, sha256: str) -> bool:

@@ -119,6 +119,10 @@ def test_sharded_base_keeps_its_shards_and_index(cli, tmp_path):
     assert cli("fuse", "tuned", "--base", model, "--out", tmp_path / "fused")[0] == 0
     assert sorted(p.name for p in (tmp_path / "fused").glob("*.safetensors")) == sorted(p.name for p in model.glob("*.safetensors"))
     assert (tmp_path / "fused" / "model.safetensors.index.json").exists()
+    from adapterhub.fingerprint import fingerprint_model
+
+    # The record's hash is the folder's fingerprint, so a fused folder is recognised however it is found.
+    assert fingerprint_model(tmp_path / "fused")["sha256"] == json.loads((tmp_path / "fused" / "adapterhub.json").read_text())["sha256"]
     from mlx_lm import load
 
     load(str(tmp_path / "fused"))
@@ -153,3 +157,37 @@ def test_unfuse_refuses_damaged_restore_data(cli, registry, tmp_path, tiny_model
     weights.write_bytes(bytes(data))
     code, _, err = cli("unfuse", tmp_path / "fused", "--out", tmp_path / "back")
     assert code == 1 and "does not match base tiny-llama" in err
+
+
+def test_fuse_refuses_an_update_that_overflows_the_base_dtype_and_leaves_nothing(cli, registry, tmp_path):
+    # Finite everywhere on the way in: float32 factors of ~1e5 with scale 10 give updates near 1e9,
+    # beyond float16's 65504, so only the fused tensor itself is inf.
+    model = write_model(tmp_path / "model", dtype="float16", seed=3)
+    adapter = write_adapter(model, tmp_path / "adapter", seed=4)
+    weights = mx.load(str(adapter / "adapters.safetensors"))
+    mx.save_safetensors(str(adapter / "adapters.safetensors"),
+                        {k: (v.astype(mx.float32) * 1e5) if k.endswith("lora_b") else v.astype(mx.float32) * 1e3
+                         for k, v in weights.items()})
+    assert cli("import", adapter, "--name", "huge", "--base", model)[0] == 0
+    objects_before, before = snapshot(registry.root / "objects"), snapshot(registry.root)
+    code, _, err = cli("fuse", "huge", "--base", model, "--out", tmp_path / "fused")
+    assert code == 1 and "non-finite (inf or NaN) in float16" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "fused").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "model", "registry"]  # no staging folder either
+    assert snapshot(registry.root / "objects") == objects_before  # no restore data kept
+    assert snapshot(registry.root) == before
+    assert registry.fused_models() == [] and registry.stale_staging() == []
+
+
+def test_unfuse_refuses_a_folder_record_fuse_did_not_write(cli, registry, tmp_path, tiny_model, lora_adapter):
+    registry.import_adapter(lora_adapter, "stories", base=tiny_model)
+    assert cli("fuse", "stories", "--base", tiny_model, "--out", tmp_path / "fused")[0] == 0
+    record_file = tmp_path / "fused" / "adapterhub.json"
+    record = json.loads(record_file.read_text())
+    for damage in ({"adapters": [{"ref": 5, "sha256": record["adapters"][0]["sha256"]}]},
+                   {"restore": dict(record["restore"], sha256="../../../../etc/passwd")}):
+        record_file.write_text(json.dumps({**record, **damage}))
+        before = snapshot(registry.root)
+        code, _, err = cli("unfuse", tmp_path / "fused", "--out", tmp_path / "back")
+        assert code == 1 and "does not match schema 'fused_model'" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "back").exists() and snapshot(registry.root) == before

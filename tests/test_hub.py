@@ -102,6 +102,13 @@ def test_pull_what_the_cache_lacks_fails_offline_with_a_hint(registry, hf_cache)
     assert "hf download" in err and "Traceback" not in err
 
 
+def test_push_offline_does_not_suggest_downloading(registry, hf_cache, lora_adapter):
+    registry.import_adapter(lora_adapter, "stories")
+    code, _, err = offline(registry.root, hf_cache, "push", "stories", "me/stories")
+    assert code == 1 and err.startswith("error: push to me/stories:") and len(err.splitlines()) == 1
+    assert "download" not in err and "with HF_HUB_OFFLINE unset" in err, err
+
+
 def test_a_base_named_by_repo_id_resolves_through_the_cache(cli, registry, hub, hf_cache, tiny_model, lora_adapter, tmp_path):
     publish(hub, hf_cache, "org/tiny-llama", tiny_model)
     code, out, err = offline(registry.root, hf_cache, "--json", "base", "add", "org/tiny-llama")

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from adapterhub.tinymodel import write_adapter, write_dataset
-from tests.conftest import snapshot
+from tests.conftest import assert_refused, snapshot
 
 
 @pytest.fixture
@@ -181,3 +181,92 @@ def test_lineage_refusals(cli, tmp_path, chain):
     assert cli("lineage", "--dataset", chain["data_a"])[0] == 2  # a dataset has no ancestors
     code, _, err = cli("lineage", "--dataset", "zzzz", "--descendants")
     assert code == 1 and err.startswith("error: no dataset(s) match 'zzzz'")
+
+
+def forged_fused_folder(tmp_path, files):
+    """A folder whose adapterhub.json has the shape fuse writes, naming `files` (name -> bytes they should hash to)."""
+    import hashlib
+
+    folder = tmp_path / "forged"
+    folder.mkdir()
+    hexes = [hashlib.sha256(bytes([i])).hexdigest() for i in range(4)]
+    record = {"sha256": hexes[0], "base": {"name": "tiny-llama", "sha256": hexes[1], "structure_sha256": hexes[2],
+                                           "model_type": "llama"},
+              "adapters": [{"ref": "ghost@1", "sha256": hexes[3]}], "created_at": "2024-01-01T00:00:00Z",
+              "files": [{"name": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+                        for name, data in files.items()]}
+    (folder / "adapterhub.json").write_text(json.dumps(record))
+    return folder, record
+
+
+@pytest.mark.parametrize("where", ["../secret.txt", "absolute", "sub/../../secret.txt", "./secret.txt"])
+def test_an_untrusted_record_never_leads_a_reader_outside_its_folder(cli, registry, tmp_path, where):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours to hash")
+    name = str(secret) if where == "absolute" else where
+    folder, _ = forged_fused_folder(tmp_path, {name: secret.read_bytes()})
+    before = snapshot(registry.root)
+    for command in (["audit", folder], ["lineage", folder], ["card", folder]):
+        # The schema's file-name pattern refuses it first; lineage.safe_member stands behind it for catalogue rows.
+        assert_refused(cli(*command), "does not match schema 'fused_model'",
+                       before, registry)
+
+
+def test_a_forged_record_of_the_wrong_shape_is_one_error_line(cli, registry, tmp_path):
+    folder, record = forged_fused_folder(tmp_path, {})
+    before = snapshot(registry.root)
+    for damage in ({"files": "model.safetensors"}, {"files": [7]}, {"adapters": [{"ref": ["x"], "sha256": "0" * 64}]},
+                   {"sha256": ["not", "a", "hash"]}):
+        (folder / "adapterhub.json").write_text(json.dumps({**record, **damage}))
+        for command in (["audit", folder], ["lineage", folder], ["card", folder]):
+            code, out, err = cli(*command)
+            assert code == 1 and err.startswith("error: ") and "unexpected" not in err, (damage, command, err)
+            assert len(err.strip().splitlines()) == 1 and snapshot(registry.root) == before
+
+
+def test_audit_reports_an_unsafe_name_in_a_catalogue_record_without_reading_it(cli, registry, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours to hash")
+    folder, record = forged_fused_folder(tmp_path, {"../secret.txt": secret.read_bytes()})
+    from adapterhub.store import open_db
+
+    # As if the catalogue itself were edited: register_fused would refuse the name (schema), so write the row by hand.
+    open_db(registry.catalog / "fused.json").insert({**record, "path": str(folder)})
+    before = snapshot(registry.root)
+    code, out, err = cli("--json", "audit", folder)
+    fused = next(n for n in json.loads(out)["nodes"] if n["kind"] == "fused")
+    assert code == 1 and fused["status"] == "changed" and "error: 1 node(s)" in err and snapshot(registry.root) == before
+    assert fused["details"][0].startswith("unsafe: the fused model record names the file '../secret.txt'")
+
+    from adapterhub.audit import _Checker
+
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "sub" / "train.jsonl").write_text("{}")
+    ok = _Checker(registry).files(data, [{"name": "sub/train.jsonl", "sha256": "0" * 64, "size": 2}], "dataset", nested=True)
+    unsafe = _Checker(registry).files(data, [{"name": "../secret.txt", "sha256": "0" * 64, "size": 2}], "dataset", nested=True)
+    assert ok[0] == "changed" and ok[1][0].startswith("sub/train.jsonl changed")  # nested names are read
+    assert unsafe == ("changed", ["unsafe: the dataset record names the file '../secret.txt', which is not a relative "
+                                  "path inside its folder; not read"])
+
+
+def test_an_export_walked_in_another_registry_is_checked_before_its_parents_are_followed(
+        cli, registry, tmp_path, tiny_model, lora_adapter):
+    from adapterhub.registry import Registry
+
+    registry.import_adapter(lora_adapter, "stories", base=tiny_model)
+    assert cli("export", "stories", tmp_path / "exported")[0] == 0
+    other = Registry(tmp_path / "other")
+    other.init()
+    code, out, err = cli("--json", "lineage", tmp_path / "exported", registry=other.root)
+    root = json.loads(out)["nodes"][0]
+    assert code == 0 and root["label"] == "stories@1" and not root["found"], err
+    record_file = tmp_path / "exported" / "adapterhub.json"
+    record = json.loads(record_file.read_text())
+    before = snapshot(other.root)
+    for damage in ({"parents": [{"ref": "x", "sha256": "0" * 64, "relation": "stolen-from"}]}, {"parents": "x"},
+                   {"files": [{"name": "../../etc/passwd", "sha256": "0" * 64, "size": 1}]}):
+        record_file.write_text(json.dumps({**record, **damage}))
+        code, _, err = cli("lineage", tmp_path / "exported", registry=other.root)
+        assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "unexpected" not in err, err
+        assert snapshot(other.root) == before

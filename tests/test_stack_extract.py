@@ -7,7 +7,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from adapterhub.tinymodel import write_adapter
-from tests.conftest import snapshot
+from tests.conftest import assert_refused, snapshot
 
 TOKENS = mx.array([[1, 5, 9, 12, 7, 3, 8]])
 
@@ -126,3 +126,66 @@ def test_extract_recovers_the_fused_adapter(cli, registry, tmp_path, tiny_model)
 def test_extract_refuses_an_identical_model(cli, tiny_model):
     code, _, err = cli("extract", "--base", tiny_model, "--fused", tiny_model, "--rank", "4", "--name", "nothing")
     assert code == 1 and "identical to the base" in err
+
+
+def test_stack_refuses_an_adapter_given_twice_as_fuse_does(cli, registry, tmp_path, tiny_model, two_adapters):
+    registry.import_adapter(two_adapters[0], "alpha-again", base=tiny_model)  # the same weights under a second name
+    beta_sha = registry.resolve("beta").sha256
+    before = snapshot(registry.root)
+    for refs in (["alpha", "alpha"], ["alpha", "alpha@1"], ["beta", beta_sha[:16]], ["alpha", "beta", "alpha-again"]):
+        for command in (["stack", *refs, "--name", "never"], ["fuse", *refs, "--base", tiny_model, "--out", tmp_path / "no"]):
+            assert_refused(cli(*command), "the same adapter is listed twice", before, registry)
+    assert not (tmp_path / "no").exists()
+    from adapterhub.algebra.stack import stack
+    from adapterhub.errors import ConflictError
+
+    with pytest.raises(ConflictError) as refused:
+        stack(registry, ["beta", "beta"], "never")
+    assert refused.value.hint == "list each adapter once"
+
+
+def assert_cli_refuses(result, before, registry):
+    """Refused by the library (exit 1) or by the option's declared range (exit 2): no traceback, nothing written."""
+    code, out, err = result
+    assert code in (1, 2) and "Traceback" not in err and "unexpected" not in err, (code, out, err)
+    assert snapshot(registry.root) == before
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"method": "svd", "rank": -3}, "--rank must be a whole number of at least 1, got -3"),
+    ({"method": "svd", "rank": 0}, "--rank must be a whole number of at least 1, got 0"),
+    ({"method": "cat", "rank": -1}, "--rank must be a whole number of at least 1, got -1"),
+    ({"method": "svd", "rank": 2.5}, "--rank must be a whole number of at least 1, got 2.5"),
+    ({"weights": [float("nan"), 1.0]}, "stack weights must be finite numbers, got nan"),
+    ({"weights": [1.0, float("-inf")]}, "stack weights must be finite numbers, got -inf"),
+])
+def test_stack_refuses_out_of_range_numbers(cli, registry, two_adapters, kwargs, message):
+    from adapterhub.algebra.stack import stack
+    from adapterhub.errors import AdapterHubError
+
+    before = snapshot(registry.root)
+    with pytest.raises(AdapterHubError) as refused:
+        stack(registry, ["alpha", "beta"], "never", **kwargs)
+    assert refused.value.message == message and refused.value.hint
+    flags = [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in kwargs.items()]
+    assert_cli_refuses(cli("stack", "alpha", "beta", "--name", "never", *flags), before, registry)
+    assert snapshot(registry.root) == before
+
+
+def test_extract_and_generate_refuse_out_of_range_numbers(cli, registry, tmp_path, tiny_model, two_adapters):
+    from adapterhub.algebra.extract import extract
+    from adapterhub.errors import AdapterHubError
+    from adapterhub.generation import generate
+
+    before = snapshot(registry.root)
+    for value in (0, -2, 2.5):
+        with pytest.raises(AdapterHubError, match=f"--rank must be a whole number of at least 1, got {value}") as refused:
+            extract(registry, str(tiny_model), tmp_path, value, "never")
+        assert refused.value.hint
+        with pytest.raises(AdapterHubError, match=f"--max-tokens must be a whole number of at least 1, got {value}") as refused:
+            generate(registry, "alpha", None, "the cat", max_tokens=value)
+        assert refused.value.hint
+    for value in ("0", "-2"):
+        assert_cli_refuses(cli("extract", "--base", tiny_model, "--fused", tiny_model, "--rank", value, "--name", "never"),
+                           before, registry)
+        assert_cli_refuses(cli("generate", "alpha", "--prompt", "the cat", "--max-tokens", value), before, registry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -55,8 +56,8 @@ def _logical_shape(headers: dict, name: str, config_quant: dict | None) -> tuple
 def extract(registry, base: str, fused_dir: Path, rank: int, name: str, tags: dict | None = None,
             description: str | None = None):
     """Register the best rank-R LoRA that turns `base` into `fused_dir`; returns (version, report)."""
-    if rank < 1:
-        raise AdapterHubError(f"--rank must be at least 1, got {rank}", hint="pass e.g. --rank 16")
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise AdapterHubError(f"--rank must be a whole number of at least 1, got {rank!r}", hint="pass e.g. --rank 16")
     fused_dir = Path(fused_dir)
     base_fp, _ = registry.resolve_base(base)
     base_path = Path(base_fp["path"])

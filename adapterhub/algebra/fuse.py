@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from .. import naming
-from ..errors import ConflictError, IncompatibleError
-from ..fingerprint import canonical_sha256, weight_files
+from ..errors import ConflictError, IncompatibleError, InvalidAdapterError
+from ..fingerprint import config_essentials, model_sha256, weight_files
 from ..registry import RECORD_FILE
 from ..safetensors_io import (StreamingWriter, build_header, header_bytes, read_header, safetensors_dtype,
                               tensor_bytes)
 from ..schemas import validate
 from ..card import fused_card
-from ..store import atomic_write, read_json, require_new_folder, staged_folder, write_json
+from ..store import atomic_write, read_json, require_new_folder, write_json
 from . import restore as restore_data
 from .fusion import deltas_for, fuse_module, group_members, module_updates, naive_base, quantization_for
 
@@ -45,6 +45,7 @@ class FusePlan:
     dequantize: bool
     keep_restore: bool
     modules: dict[str, list[str]] = field(default_factory=dict)  # base module -> adapter refs
+    force: bool = False  # replace an existing `out` (never one inside the registry or the base)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -76,7 +77,14 @@ def ancestors(registry, version) -> dict[str, str]:
 
 
 def refuse_related(registry, versions: list, why: str) -> None:
-    """Refuse a set of adapters where one descends from another: chained adapters contain their parents."""
+    """Refuse a set of adapters where one is listed twice or descends from another: either applies an update twice."""
+    seen: dict[str, str] = {}
+    for v in versions:
+        # By hash, not by ref: `a`, `a@1`, a sha prefix and a second name for the same weights are one adapter.
+        if v.sha256 in seen:
+            raise ConflictError(f"the same adapter is listed twice ({seen[v.sha256]} and {v.ref}, sha256 {v.sha256[:12]}); "
+                                f"{why} would apply its update twice", hint="list each adapter once")
+        seen[v.sha256] = v.ref
     for v in versions:
         if v.record["kind"] == "loreft":
             raise IncompatibleError(f"{v.ref} is a LoReFT adapter: it edits hidden states at chosen positions, "
@@ -90,14 +98,15 @@ def refuse_related(registry, versions: list, why: str) -> None:
 
 
 def plan_fuse(registry, refs: list[str], base: str, out: Path, dequantize: bool = False, keep_restore: bool = True,
-              allow_different_weights: bool = False) -> FusePlan:
+              allow_different_weights: bool = False, force: bool = False) -> FusePlan:
     versions = [registry.resolve(r) for r in refs]
-    if len({v.sha256 for v in versions}) != len(versions):
-        raise ConflictError("the same adapter is listed twice", hint="list each adapter once")
-    refuse_related(registry, versions, "fusing both")
+    refuse_related(registry, versions, "fusing them")
     # Planning writes nothing: an unregistered base is only fingerprinted here, and registered by execute_fuse.
     fingerprint, registered = registry.resolve_base(base)
     base_path = Path(base).expanduser() if Path(base).expanduser().is_dir() else Path(registered["path"])
+    out = Path(out)
+    # Checked at plan time, so --dry-run refuses what the real run would.
+    require_new_folder(out, (base_path, registry.root), force)
     base_record = registered or {**fingerprint, "name": naming.suggest_name(base_path.resolve().name)}
     notes = []
     for v in versions:
@@ -106,14 +115,12 @@ def plan_fuse(registry, refs: list[str], base: str, out: Path, dequantize: bool 
             raise IncompatibleError(f"{v.ref} is not compatible with {base_record['name']}: {report.problems[0]}",
                                     hint=f"run 'adapterhub check {v.ref} --base {base}'")
         notes += [f"{v.ref}: {n}" for n in report.notes if report.verdict != "exact"]
-    out = Path(out)
-    require_new_folder(out)
     quant = base_record["config"]["quantization"]
     if quant and not dequantize and keep_restore:
         notes.append("quantized base: the fused model stays quantized; unfuse restores the base exactly from restore data")
     if quant and not keep_restore:
         notes.append("quantized base without restore data: unfuse can only re-quantize an approximation")
-    return FusePlan(base_record, base_path, versions, out, dequantize, keep_restore, notes=notes)
+    return FusePlan(base_record, base_path, versions, out, dequantize, keep_restore, notes=notes, force=force)
 
 
 def _module_outputs(module, tensors, updates, config_quant, dequantize, base_dtypes, keep_restore):
@@ -132,11 +139,19 @@ def _residual(base, naive) -> bytes:
     return restore_data.encode(np.frombuffer(tensor_bytes(base), width), np.frombuffer(tensor_bytes(naive), width), is_float)
 
 
-def execute_fuse(plan: FusePlan, registry, progress=None) -> dict:
-    """Write the fused model into `plan.out` and register it; returns its record."""
+def execute_fuse(plan: FusePlan, registry, progress=None, force: bool | None = None) -> dict:
+    """Write the fused model into `plan.out` and register it; returns its record.
+
+    `force` (default: the plan's) replaces an existing `plan.out`. The model is written into a
+    journalled staging folder and renamed into place only when every tensor is written and finite.
+    """
     import mlx.core as mx
 
     started = time.perf_counter()
+    force = plan.force if force is None else force
+    inputs = (plan.base_path,)
+    # Again here, before add_base writes to the registry: the folder may have appeared since the plan.
+    require_new_folder(plan.out, (*inputs, registry.root), force)
     base_record = registry.add_base(plan.base_path)[0]
     plan = replace(plan, base=base_record)
     adapters = [(v.ref, v.record["kind"], v.record["scale"], registry.objects.verified(v.sha256, f"weights of {v.ref}")) for v in plan.adapters]
@@ -164,7 +179,7 @@ def execute_fuse(plan: FusePlan, registry, progress=None) -> dict:
     restore = restore_data.RestoreWriter(registry.objects) if plan.keep_restore else None
     previous_cache_limit = mx.set_cache_limit(256 << 20)
     try:
-        with staged_folder(plan.out, "fuse") as staging:
+        with registry.staged_output(plan.out, "fuse", inputs, force) as staging:
             out_files, index_map = [], {}
             computed: dict[str, tuple] = {}
             for path in files:
@@ -198,6 +213,7 @@ def execute_fuse(plan: FusePlan, registry, progress=None) -> dict:
                             continue
                         fused, extras, members, naive = computed[module]
                         mx.eval(fused[name])
+                        _require_finite(fused[name], name, plan)
                         writer.write(tensor_bytes(fused.pop(name)))
                         if name == f"{module}.weight" and plan.keep_restore:
                             mx.eval(naive, extras)
@@ -223,7 +239,8 @@ def execute_fuse(plan: FusePlan, registry, progress=None) -> dict:
             _copy_side_files(plan, staging, config, index_map, restore)
             restore_record = _restore_record(registry, restore.finish()) if restore else None
             record = {
-                "sha256": canonical_sha256([[f["name"], f["sha256"]] for f in out_files]),
+                # Hashed as fingerprint_model hashes a folder, so the fused folder fingerprints to its record.
+                "sha256": model_sha256(out_files, config_essentials(read_json(staging / "config.json") or {})),
                 "path": str(plan.out.resolve()),
                 "base": {k: plan.base[k] for k in ("name", "sha256", "structure_sha256", "model_type")},
                 "adapters": [{"ref": v.ref, "sha256": v.sha256} for v in plan.adapters],
@@ -245,6 +262,19 @@ def execute_fuse(plan: FusePlan, registry, progress=None) -> dict:
     registry.register_fused(record)
     record["seconds"] = round(time.perf_counter() - started, 3)
     return record
+
+
+def _require_finite(tensor, name: str, plan: FusePlan) -> None:
+    """Refuse a fused tensor holding inf or NaN: an update too large for the base's dtype overflows silently,
+    and a model that loads but computes NaN is worse than no model."""
+    import mlx.core as mx
+
+    if not mx.issubdtype(tensor.dtype, mx.floating) or mx.all(mx.isfinite(tensor)).item():
+        return
+    refs = ", ".join(v.ref for v in plan.adapters)
+    raise InvalidAdapterError(
+        f"fusing {refs} makes {name} non-finite (inf or NaN) in {str(tensor.dtype).removeprefix('mlx.core.')}: "
+        "the update is too large for the base's dtype", hint="check the adapter's scale and weights; nothing was written")
 
 
 def _now() -> str:

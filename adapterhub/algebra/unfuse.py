@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidAdapterError, NotFoundError
-from ..fingerprint import canonical_sha256, weight_files
-from ..safetensors_io import (Header, StreamingWriter, build_header, read_bits, read_header, safetensors_dtype,
+from ..fingerprint import config_essentials, model_sha256, weight_files
+from ..safetensors_io import (StreamingWriter, build_header, parse_header, read_bits, read_header, safetensors_dtype,
                               tensor_bytes)
-from ..store import read_json, require_new_folder, staged_folder
+from ..schemas import validate
+from ..store import read_json, require_new_folder
 from . import restore as restore_data
 from ..registry import RECORD_FILE
 from .fuse import INDEX_FILE
@@ -39,23 +40,11 @@ class UnfuseReport:
         return dict(self.__dict__)
 
 
-def _parse_header(raw: bytes, path: Path) -> Header:
-    """A header kept in restore data, parsed as if it headed a file (offsets only are used)."""
-    import json
-    import struct
-
-    from ..safetensors_io import TensorInfo
-
-    (length,) = struct.unpack("<Q", raw[:8])
-    doc = json.loads(raw[8:8 + length])
-    metadata = doc.pop("__metadata__", None) or {}
-    tensors = {k: TensorInfo(v["dtype"], tuple(v["shape"]), *v["data_offsets"]) for k, v in doc.items()}
-    return Header(path, tensors, metadata, 8 + length)
 
 
 def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None = None, base: str | None = None,
-           progress=None) -> UnfuseReport:
-    """Rebuild the base model of `fused_dir` into `out`."""
+           progress=None, force: bool = False) -> UnfuseReport:
+    """Rebuild the base model of `fused_dir` into `out` (replacing an existing `out` only with `force`)."""
     import mlx.core as mx
 
     fused_dir, out = Path(fused_dir), Path(out)
@@ -63,7 +52,13 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
     if record is None and not adapter_refs:
         raise NotFoundError(f"{fused_dir} has no {RECORD_FILE}, so its adapters are unknown",
                             hint="name them with --adapter REF (for a model fused elsewhere)")
-    require_new_folder(out)
+    if record is not None:
+        # The folder's record travels with the model and anyone may have edited it: its hashes become
+        # object-store paths below, so it must have the shape fuse wrote before any of it is used.
+        validate(record, "fused_model", what=f"{fused_dir / RECORD_FILE}")
+    inputs = (fused_dir, *_compared_base_folder(registry, record, base))
+    # Before anything is read or registered: a refused output leaves the registry as it was.
+    require_new_folder(out, (*inputs, registry.root), force)
     refs = adapter_refs or [a["ref"] for a in record["adapters"]]
     versions = [registry.resolve(r) for r in refs]
     if record and not adapter_refs:
@@ -86,7 +81,7 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
         lazy.update(mx.load(str(p)))
     where = {name: h for h in fused_headers.values() for name in h.tensors}
     if restore:
-        base_headers = {k[len("header/"):]: _parse_header(v, fused_dir / k[len("header/"):]) for k, v in restore.items()
+        base_headers = {k[len("header/"):]: parse_header(v, fused_dir / k[len("header/"):]) for k, v in restore.items()
                         if k.startswith("header/")}
         config = read_json(fused_dir / "config.json")
         if "file/config.json" in restore:
@@ -106,7 +101,7 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
     base_dtypes = {k: getattr(mx, _mlx_dtype(v[0])) for k, v in base_tensors.items()}
 
     comparison = _Comparison(registry, record, base)
-    with staged_folder(out, "unfuse") as staging:
+    with registry.staged_output(out, "unfuse", inputs, force) as staging:
         out_files, computed = [], {}
         for fname, header in sorted(base_headers.items()):
             order = sorted(header.tensors, key=lambda n: header.tensors[n].begin)
@@ -156,8 +151,20 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
                 sha, size = writer.close()
             out_files.append({"name": fname, "sha256": sha, "size": size})
         _side_files(fused_dir, staging, restore)
-    sha = canonical_sha256([[f["name"], f["sha256"]] for f in out_files])
+        # As fingerprint_model hashes a folder: the proof of exactness is this equal to the base's sha256.
+        sha = model_sha256(out_files, config_essentials(read_json(staging / "config.json") or {}))
     return comparison.report(out, sha, bool(restore))
+
+
+def _compared_base_folder(registry, record: dict | None, base: str | None) -> tuple[Path, ...]:
+    """The base folder the result is compared with: read while `out` is written, so `out` must not land on it."""
+    if base and Path(base).expanduser().is_dir():
+        return (Path(base).expanduser(),)
+    try:
+        found = registry.base(base) if base else registry.base(record["base"]["sha256"]) if record else None
+    except NotFoundError:
+        found = None
+    return (Path(found["path"]),) if found and found.get("path") else ()
 
 
 def _mlx_dtype(safetensors_dtype_name: str) -> str:
