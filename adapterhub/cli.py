@@ -7,6 +7,7 @@ the commands that need them, so `--help`, `list` and `show` start fast.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from contextlib import contextmanager, nullcontext
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import click
 
-from .errors import AdapterHubError
+from .errors import AdapterHubError, printable
 from .registry import AdapterVersion, Registry
+from .store import dump_json
 
 ENV_REGISTRY = "ADAPTERHUB_REGISTRY"
 
@@ -29,10 +31,20 @@ def default_registry() -> Path:
 
 
 class Context:
-    def __init__(self, registry: Path, as_json: bool, quiet: bool):
+    """The global options, wherever on the command line they were given."""
+
+    def __init__(self, registry_path: Path | None, as_json: bool, quiet: bool):
+        self.registry_path = registry_path
         self.as_json = as_json
         self.quiet = quiet
-        self.registry = Registry(registry, progress=self.progress)
+        self._registry: Registry | None = None
+
+    @property
+    def registry(self) -> Registry:
+        # Built on first use, after every option (before or after the command) has been read.
+        if self._registry is None:
+            self._registry = Registry(self.registry_path or default_registry(), progress=self.progress)
+        return self._registry
 
     def progress(self, description: str, total: int):
         # Progress only for a person watching a terminal, and only when there is enough to watch.
@@ -46,7 +58,7 @@ class Context:
             # Indented for a person at a terminal; compact for pipes, where json's C encoder
             # is ten times faster on a long listing (it only runs without indent).
             indent = 2 if sys.stdout.isatty() else None
-            click.echo(json.dumps(data, indent=indent, sort_keys=True))
+            click.echo(dump_json(data, "the JSON report", indent=indent))
         elif text is not None and not self.quiet:
             click.echo(text)
 
@@ -62,6 +74,65 @@ def _rich_progress(description: str, total: int):
 
 
 pass_ctx = click.make_pass_decorator(Context)
+
+
+def _registry_path(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    # Checked before it becomes a Path: Path("") is ".", and would quietly mean the current folder.
+    if value is not None and not value.strip():
+        raise click.BadParameter("an empty path would mean the current folder; give the registry folder", param_hint="--registry")
+    return Path(value) if value is not None else None
+
+
+class FiniteFloat(click.FloatRange):
+    """A float in a range that is a real number: Click's FloatRange lets NaN through every bound."""
+
+    name = "number"
+
+    def _describe_range(self) -> str:
+        return "finite" if self.min is None and self.max is None else super()._describe_range()
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if number != number or number in (float("inf"), float("-inf")):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+def _late_global_option(attribute: str, *decls: str, check=None, **kwargs) -> click.Option:
+    """A global option repeated on each command, so `adapterhub list --json` means `adapterhub --json list`."""
+    def store(ctx: click.Context, param: click.Parameter, value) -> None:
+        if check:
+            value = check(ctx, param, value)
+        if value:
+            setattr(ctx.find_object(Context), attribute, value)
+    return click.Option(decls, expose_value=False, callback=store, **kwargs)
+
+
+def _train_number(option: str) -> click.ParamType:
+    """The click type for a training option, from the library's own ranges (one source of truth)."""
+    from .training.config import FLOAT_OPTIONS, RANGES
+
+    allowed = RANGES[option]
+    if option in FLOAT_OPTIONS:
+        return FiniteFloat(allowed.min, allowed.max, max_open=allowed.max_open)
+    # A special value below the range (-1: all layers) is let through here for the library to accept.
+    low = allowed.also if allowed.also is not None and allowed.also < allowed.min else allowed.min
+    return click.IntRange(low, allowed.max)
+
+
+def _accept_global_options_after_commands(group: click.Group) -> None:
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _accept_global_options_after_commands(command)
+            continue
+        command.params += [
+            _late_global_option("registry_path", "--registry", type=click.Path(), check=_registry_path,
+                                help="Same as the global --registry."),
+            _late_global_option("as_json", "--json", is_flag=True, help="Same as the global --json."),
+            _late_global_option("quiet", "--quiet", "-q", is_flag=True, help="Same as the global --quiet."),
+        ]
+FORCE_OPTION = click.option("--force", is_flag=True,
+                            help="Replace an existing output (never inside the registry or an input folder).")
 
 
 def _parse_tags(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -114,7 +185,7 @@ def _show_text(v: AdapterVersion) -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--registry", "registry_path", type=click.Path(path_type=Path), default=None,
+@click.option("--registry", "registry_path", type=click.Path(), default=None, callback=_registry_path,
               help=f"Registry folder (else ${ENV_REGISTRY}, else ./registry when it exists, else ~/.adapterhub).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress and no report lines.")
@@ -122,7 +193,7 @@ def _show_text(v: AdapterVersion) -> str:
 @click.pass_context
 def cli(ctx: click.Context, registry_path: Path | None, as_json: bool, quiet: bool) -> None:
     """Catalogue, check and manage LoRA / DoRA / LoReFT adapters for MLX models."""
-    ctx.obj = Context(registry_path or default_registry(), as_json, quiet)
+    ctx.obj = Context(registry_path, as_json, quiet)
 
 
 @cli.command()
@@ -202,9 +273,28 @@ def import_(ctx: Context, folder: Path, name: str, base_: str | None, dataset: P
     """Register an mlx-lm adapter folder as a new version."""
     version, created = ctx.registry.import_adapter(folder, name, base_, dataset, parent, relation,
                                                    _parse_tags(tags), description, checkpoint)
-    ctx.emit(version.to_dict() | {"created": created},
+    ignored = _not_applied(version, created, _parse_tags(tags), description)
+    ctx.emit(version.to_dict() | {"created": created, "not_applied": ignored},
              f"{'imported' if created else 'already registered:'} {version.ref}  {version.sha256[:12]}  "
              f"({version.record['kind']}, rank {version.record['rank']}, {version.record['num_layers']} layers)")
+    if ignored and not ctx.quiet:
+        how = [f"adapterhub tag {version.ref} {k}={v}" for k, v in ignored.get("tags", {}).items()]
+        click.echo(f"note: {', '.join(ignored)} not applied: {version.ref} already holds these weights"
+                   + (f" — run {'; '.join(how)}" if how else " — a version's description is fixed when it is created"),
+                   err=True)
+
+
+def _not_applied(version: AdapterVersion, created: bool, tags: dict, description: str | None) -> dict:
+    """What an import of weights already registered asked for and did not get (versions are immutable)."""
+    if created:
+        return {}
+    ignored = {}
+    changed_tags = {k: v for k, v in tags.items() if version.record["tags"].get(k) != v}
+    if changed_tags:
+        ignored["tags"] = changed_tags
+    if description and description != version.record.get("description"):
+        ignored["description"] = description
+    return ignored
 
 
 @cli.command("list")
@@ -234,12 +324,13 @@ def show(ctx: Context, ref: str) -> None:
 @click.argument("ref")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--format", "format_", type=click.Choice(["mlx", "peft"]), default="mlx", show_default=True)
+@FORCE_OPTION
 @pass_ctx
-def export(ctx: Context, ref: str, out: Path, format_: str) -> None:
+def export(ctx: Context, ref: str, out: Path, format_: str, force: bool) -> None:
     """Write an adapter folder that mlx_lm (or PEFT) loads as is, with its model card."""
     from .export import export as write_export
 
-    files = write_export(ctx.registry, ref, out, format_)
+    files = write_export(ctx.registry, ref, out, format_, force=force)
     ctx.emit({"ref": ref, "out": str(out), "files": [str(f) for f in files]}, f"exported {ref} to {out}")
 
 
@@ -296,13 +387,14 @@ def rm(ctx: Context, ref: str, force: bool) -> None:
 @click.option("--no-restore", is_flag=True, help="Keep no restore data (unfuse is then approximate).")
 @click.option("--allow-different-weights", is_flag=True, help="Accept a base with other weights of the same structure.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@FORCE_OPTION
 @pass_ctx
 def fuse(ctx: Context, refs: tuple[str, ...], base_: str, out: Path, dequantize: bool, no_restore: bool,
-         allow_different_weights: bool, dry_run: bool) -> None:
+         allow_different_weights: bool, dry_run: bool, force: bool) -> None:
     """Bake adapters into a base model (streamed; bit-identical to mlx_lm.fuse)."""
     from .algebra.fuse import execute_fuse, plan_fuse
 
-    plan = plan_fuse(ctx.registry, list(refs), base_, out, dequantize, not no_restore, allow_different_weights)
+    plan = plan_fuse(ctx.registry, list(refs), base_, out, dequantize, not no_restore, allow_different_weights, force=force)
     if dry_run:
         ctx.emit(plan.to_dict(), plan.describe())
         return
@@ -325,14 +417,15 @@ def fuse(ctx: Context, refs: tuple[str, ...], base_: str, out: Path, dequantize:
 @click.option("--adapter", "adapters", multiple=True, metavar="REF",
               help="Adapters that were fused (for a model fused elsewhere; subtracts them, approximately).")
 @click.option("--base", "base_", help="Base to measure the result against (default: the one recorded).")
+@FORCE_OPTION
 @pass_ctx
-def unfuse(ctx: Context, fused_dir: Path, out: Path, adapters: tuple[str, ...], base_: str | None) -> None:
+def unfuse(ctx: Context, fused_dir: Path, out: Path, adapters: tuple[str, ...], base_: str | None, force: bool) -> None:
     """The base model back from a fused one: exact with restore data, measured without."""
     from .algebra.unfuse import unfuse as run_unfuse
 
     total = sum(p.stat().st_size for p in fused_dir.glob("*.safetensors"))
     with ctx.progress(f"unfusing into {out.name}", total) as advance:
-        report = run_unfuse(ctx.registry, fused_dir, out, list(adapters) or None, base_, advance)
+        report = run_unfuse(ctx.registry, fused_dir, out, list(adapters) or None, base_, advance, force=force)
     if report.exact:
         verdict = f"exact: the base is back, bit for bit (matches {report.base})"
     elif report.exact is None:
@@ -350,9 +443,12 @@ def _floats(text: str | None) -> list[float] | None:
     if not text:
         return None
     try:
-        return [float(w) for w in text.split(",")]
+        weights = [float(w) for w in text.split(",")]
     except ValueError:
-        raise click.BadParameter(f"'{text}' is not a comma-separated list of numbers", param_hint="--weights") from None
+        weights = [float("nan")]
+    if not all(math.isfinite(w) for w in weights):
+        raise click.BadParameter(f"'{text}' is not a comma-separated list of finite numbers", param_hint="--weights")
+    return weights
 
 
 @cli.command()
@@ -360,7 +456,7 @@ def _floats(text: str | None) -> list[float] | None:
 @click.option("--name", required=True, help="Name of the stacked adapter (becomes its next version).")
 @click.option("--weights", help="One weight per adapter, comma-separated (default 1 each).")
 @click.option("--method", type=click.Choice(["cat", "linear", "svd"]), default="cat", show_default=True)
-@click.option("--rank", type=int, help="Rank of the result (needed by --method svd).")
+@click.option("--rank", type=click.IntRange(min=1), help="Rank of the result (needed by --method svd).")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE")
 @click.option("--description")
 @pass_ctx
@@ -383,7 +479,7 @@ def stack(ctx: Context, refs: tuple[str, ...], name: str, weights: str | None, m
 @cli.command()
 @click.option("--base", "base_", required=True, help="Base model folder or registered base name.")
 @click.option("--fused", "fused_dir", required=True, type=click.Path(path_type=Path), help="The fused model folder.")
-@click.option("--rank", required=True, type=int)
+@click.option("--rank", required=True, type=click.IntRange(min=1))
 @click.option("--name", required=True)
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE")
 @pass_ctx
@@ -446,25 +542,26 @@ def _training_reporter(ctx: Context, iters: int):
 @click.option("--name", help="Adapter name; the result becomes its next version.")
 @click.option("--from", "from_ref", help="Continue from this version's weights (chained training).")
 @click.option("--kind", type=click.Choice(["lora", "dora", "loreft"]))
-@click.option("--rank", type=int)
-@click.option("--scale", type=float)
-@click.option("--dropout", type=float)
-@click.option("--num-layers", type=int)
-@click.option("--iters", type=int)
-@click.option("--batch-size", type=int)
-@click.option("--learning-rate", type=float)
+@click.option("--rank", type=_train_number("rank"))
+@click.option("--scale", type=_train_number("scale"))
+@click.option("--dropout", type=_train_number("dropout"))
+@click.option("--num-layers", type=_train_number("num_layers"))
+@click.option("--iters", type=_train_number("iters"))
+@click.option("--batch-size", type=_train_number("batch_size"))
+@click.option("--learning-rate", type=_train_number("learning_rate"),
+              help="Learning rate (default 1e-5 as in mlx-lm; 4e-3 for --kind loreft, in pyreft's range).")
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]))
-@click.option("--max-seq-length", type=int)
-@click.option("--grad-accumulation-steps", type=int)
+@click.option("--max-seq-length", type=_train_number("max_seq_length"))
+@click.option("--grad-accumulation-steps", type=_train_number("grad_accumulation_steps"))
 @click.option("--mask-prompt", is_flag=True, default=None)
-@click.option("--seed", type=int)
-@click.option("--val-batches", type=int)
-@click.option("--steps-per-eval", type=int)
-@click.option("--steps-per-report", type=int)
-@click.option("--save-every", type=int)
-@click.option("--keep-last", type=int, help="Keep the newest K checkpoints (default 3).")
-@click.option("--keep-best", type=int, help="Keep the best M checkpoints by validation loss (default 1).")
-@click.option("--keep-every", type=int, help="Also keep every P-th step.")
+@click.option("--seed", type=_train_number("seed"))
+@click.option("--val-batches", type=_train_number("val_batches"))
+@click.option("--steps-per-eval", type=_train_number("steps_per_eval"))
+@click.option("--steps-per-report", type=_train_number("steps_per_report"))
+@click.option("--save-every", type=_train_number("save_every"))
+@click.option("--keep-last", type=_train_number("keep_last"), help="Keep the newest K checkpoints (default 3).")
+@click.option("--keep-best", type=_train_number("keep_best"), help="Keep the best M checkpoints by validation loss (default 1).")
+@click.option("--keep-every", type=_train_number("keep_every"), help="Also keep every P-th step.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML options, as mlx_lm.lora reads them.")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE")
 @click.option("--layers", help="LoReFT: decoder layers to intervene on, e.g. '8;16', or all.")
@@ -535,9 +632,9 @@ def checkpoints_list(ctx: Context, run_id: str) -> None:
 
 @checkpoints_group.command("prune")
 @click.argument("run_id")
-@click.option("--keep-last", type=int)
-@click.option("--keep-best", type=int)
-@click.option("--keep-every", type=int)
+@click.option("--keep-last", type=click.IntRange(min=0))
+@click.option("--keep-best", type=click.IntRange(min=0))
+@click.option("--keep-every", type=click.IntRange(min=0))
 @pass_ctx
 def checkpoints_prune(ctx: Context, run_id: str, keep_last: int | None, keep_best: int | None, keep_every: int | None) -> None:
     """Delete the checkpoints a retention policy does not keep (the run's own policy by default)."""
@@ -553,7 +650,7 @@ def checkpoints_prune(ctx: Context, run_id: str, keep_last: int | None, keep_bes
 
 @checkpoints_group.command("promote")
 @click.argument("run_id")
-@click.argument("step", type=int)
+@click.argument("step", type=click.IntRange(min=1))
 @click.option("--name", required=True)
 @pass_ctx
 def checkpoints_promote(ctx: Context, run_id: str, step: int, name: str) -> None:
@@ -580,7 +677,7 @@ def checkpoints_promote(ctx: Context, run_id: str, step: int, name: str) -> None
 @click.argument("ref")
 @click.option("--base", "base_", help="Base model folder or registered base name (default: the adapter's own base).")
 @click.option("--prompt", required=True)
-@click.option("--max-tokens", type=int, default=100, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--allow-different-weights", is_flag=True)
 @pass_ctx
 def generate(ctx: Context, ref: str, base_: str | None, prompt: str, max_tokens: int, allow_different_weights: bool) -> None:
@@ -627,16 +724,17 @@ def pull(ctx: Context, repo_id: str, name: str, revision: str | None, base_: str
 @cli.command()
 @click.argument("target", metavar="REF|DIR")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the card to this file instead of stdout.")
+@FORCE_OPTION
 @pass_ctx
-def card(ctx: Context, target: str, out: Path | None) -> None:
+def card(ctx: Context, target: str, out: Path | None, force: bool) -> None:
     """A Hugging Face model card for a version, or for a fused model folder."""
     from .card import card as make_card
-    from .store import atomic_write
+    from .store import write_output_file
 
     text = make_card(ctx.registry, target)
     if out:
-        with atomic_write(out, "w") as f:
-            f.write(text)
+        folder = Path(target)
+        write_output_file(out, text, (ctx.registry.root, *((folder,) if folder.is_dir() else ())), force)
         ctx.emit({"target": target, "out": str(out)}, f"wrote {out}")
     else:
         click.echo(text, nl=False)
@@ -683,12 +781,18 @@ def audit(ctx: Context, target: str) -> None:
 
 
 @cli.command()
+@click.option("--repair", is_flag=True,
+              help="First remove what interrupted writes left: orphan blobs, temporary files, staging folders, stale index rows.")
 @pass_ctx
-def verify(ctx: Context) -> None:
-    """Check the whole registry: records, blobs, references. Exit 1 on any problem."""
+def verify(ctx: Context, repair: bool) -> None:
+    """Check the whole registry: records, blobs, references, lineage. Exit 1 on any problem."""
+    repaired = ctx.registry.repair() if repair else None
+    if repaired and not ctx.as_json:
+        removed = [f"{len(items)} {kind}" for kind, items in repaired.removed.items()]
+        ctx.emit(None, f"repaired: removed {', '.join(removed)}" if removed else "repaired: nothing to remove")
     report = ctx.registry.verify()
     counts = ", ".join(f"{n} {k}" for k, n in report.checked.items())
-    ctx.emit(report.to_dict(), "\n".join(
+    ctx.emit(report.to_dict() | ({"repaired": repaired.to_dict()} if repaired else {}), "\n".join(
         [f"{'ok' if report.ok else 'FAILED'}: {ctx.registry.root} ({counts or 'nothing checked'})"]
         + [f"  ✗ {p}" for p in report.problems] + [f"  · {n}" for n in report.notes]))
     if not report.ok:
@@ -707,6 +811,9 @@ def demo(ctx: Context, workdir: Path) -> None:
     run_demo(ctx.registry.root, workdir, quiet=ctx.quiet)
 
 
+_accept_global_options_after_commands(cli)
+
+
 def main() -> None:
     """Entry point: one-line errors and exit 1 for mistakes, tracebacks only with ADAPTERHUB_DEBUG=1."""
     debug = os.environ.get("ADAPTERHUB_DEBUG") == "1"
@@ -721,7 +828,7 @@ def main() -> None:
     except AdapterHubError as e:
         if debug:
             raise
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {printable(str(e))}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
@@ -729,12 +836,12 @@ def main() -> None:
     except OSError as e:
         if debug:
             raise
-        click.echo(f"error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''} — check the path and permissions", err=True)
+        click.echo(f"error: {printable(str(e.strerror or e))}{': ' + printable(str(e.filename)) if e.filename else ''} — check the path and permissions", err=True)
         sys.exit(1)
     except Exception as e:  # noqa: BLE001 - the last line of defence for a user-facing tool
         if debug:
             raise
-        click.echo(f"error: unexpected {type(e).__name__}: {e} — rerun with ADAPTERHUB_DEBUG=1 and report it", err=True)
+        click.echo(f"error: unexpected {type(e).__name__}: {printable(str(e))} — rerun with ADAPTERHUB_DEBUG=1 and report it", err=True)
         sys.exit(1)
 
 

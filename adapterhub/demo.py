@@ -22,16 +22,16 @@ def _step(title: str, quiet: bool) -> None:
         click.secho(f"\n== {title}", bold=True)
 
 
-def _cli(registry: Path, *args: str, quiet: bool, check: bool = True) -> subprocess.CompletedProcess:
-    """Run our own CLI as a user would, echoing the command and its output."""
+def _cli(registry: Path, *args: str, quiet: bool, expect: int = 0) -> subprocess.CompletedProcess:
+    """Run our own CLI as a user would, echoing the command and its output; `expect=1` for a refusal."""
     command = [sys.executable, "-m", "adapterhub.cli", "--registry", str(registry), *args]
     if not quiet:
         click.echo("$ adapterhub " + " ".join(args))
     done = subprocess.run(command, capture_output=True, text=True)
     if not quiet:
         click.echo((done.stdout + done.stderr).rstrip())
-    if check and done.returncode != 0:
-        raise SystemExit(f"demo step failed: adapterhub {' '.join(args)}")
+    if done.returncode != expect:
+        raise SystemExit(f"demo step {'failed' if expect == 0 else 'was not refused'}: adapterhub {' '.join(args)}")
     return done
 
 
@@ -80,7 +80,7 @@ def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
          "--checkpoint", checkpoint.name, "--tag", "task=stories", quiet=quiet)
 
     _step("4. naming rules refuse a bad name", quiet)
-    _cli(registry, "import", str(adapters), "--name", "Tiny Stories!", quiet=quiet, check=False)
+    _cli(registry, "import", str(adapters), "--name", "Tiny Stories!", quiet=quiet, expect=1)
 
     _step("5. show, alias, check against the base, list, export", quiet)
     _cli(registry, "show", "tiny-stories-lora", quiet=quiet)
@@ -133,7 +133,7 @@ def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
 
     _step("10. a model card, PEFT out and back in, and what a Hub push would send", quiet)
     card = workdir / "card.md"
-    _cli(registry, "card", "tiny-trained@2", "--out", str(card), quiet=quiet)
+    _cli(registry, "card", "tiny-trained@2", "--out", str(card), "--force", quiet=quiet)
     peft = workdir / "export-peft"
     if peft.exists():
         shutil.rmtree(peft)
@@ -147,7 +147,17 @@ def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
          "--val-batches", "4", "--steps-per-eval", "10", "--steps-per-report", "10", "--save-every", "10", quiet=quiet)
     _cli(registry, "show", "tiny-colours-reft", quiet=quiet)
     _cli(registry, "generate", "tiny-colours-reft", "--prompt", "what colour is the snow ?", "--max-tokens", "6", quiet=quiet)
-    _cli(registry, "fuse", "tiny-colours-reft", "--base", "tiny-llama", "--out", str(workdir / "never"), quiet=quiet, check=False)
-    _cli(registry, "verify", quiet=quiet)
+    _cli(registry, "fuse", "tiny-colours-reft", "--base", "tiny-llama", "--out", str(workdir / "never"), quiet=quiet, expect=1)
+
+    _step("12. what it refuses: version 0, writing into the registry, a reused number; then verify --repair", quiet)
+    _cli(registry, "rm", "tiny-stories-lora@0", quiet=quiet, expect=1)
+    _cli(registry, "export", "tiny-stories-lora", str(Path(registry) / "objects" / "exported"), quiet=quiet, expect=1)
+    removed = json.loads(_cli(registry, "--json", "rm", "tiny-stories-lora-ckpt", quiet=True).stdout)["removed"]
+    if not quiet:
+        click.echo(f"removed {removed}")
+    _cli(registry, "import", str(adapters), "--name", "tiny-stories-lora-ckpt", "--base", "tiny-llama",
+         "--checkpoint", checkpoint.name, "--tag", "task=stories", quiet=quiet)
+    _cli(registry, "show", removed, quiet=quiet, expect=1)
+    _cli(registry, "verify", "--repair", quiet=quiet)
     if not quiet:
         click.echo(f"\ndone: registry at {registry}; try 'adapterhub --registry {registry} list'")

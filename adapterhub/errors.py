@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def printable(text: str) -> str:
+    """`text` with control characters escaped, so an error line never carries a raw newline or escape code."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class AdapterHubError(Exception):
     """Base of every error adapterhub raises for a mistake a user can fix.
 

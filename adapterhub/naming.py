@@ -5,18 +5,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .errors import InvalidNameError
+from .errors import InvalidNameError, NotFoundError
 
 RESERVED_WORDS = ("latest", "base", "all", "none")
 MIN_LENGTH, MAX_LENGTH = 3, 64
 SEPARATORS = "-_."
 MIN_SHA_PREFIX = 12
 
-_ALLOWED = re.compile(r"^[a-z0-9._-]*$")
-_SHA_PREFIX = re.compile(r"^[0-9a-f]{%d,64}$" % MIN_SHA_PREFIX)
-_ALIAS = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
+# Every rule below is applied with fullmatch: `$` alone would also accept a trailing newline.
+_ALLOWED = re.compile(r"[a-z0-9._-]*")
+_SHA_PREFIX = re.compile(r"[0-9a-f]{%d,64}" % MIN_SHA_PREFIX)
+_ALIAS = re.compile(r"[a-z][a-z0-9._-]{0,63}")
 _PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
-_TAG_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_TAG_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# More digits than any registry will count to; int() of thousands of digits is refused by Python itself.
+MAX_VERSION_DIGITS = 12
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,19 @@ class Policy:
     @classmethod
     def from_dict(cls, doc: dict) -> "Policy":
         reserved = tuple(dict.fromkeys(RESERVED_WORDS + tuple(doc.get("reserved_words", ()))))
-        return cls(doc.get("name_pattern"), tuple(doc.get("required_tags", ())), reserved)
+        policy = cls(doc.get("name_pattern"), tuple(doc.get("required_tags", ())), reserved)
+        policy.check()
+        return policy
+
+    def check(self) -> None:
+        """A pattern that does not compile would fail every import later; refuse it where it is read."""
+        if not self.pattern:
+            return
+        try:
+            re.compile(_PLACEHOLDER.sub("x", self.pattern))
+        except re.error as e:
+            raise InvalidNameError(f"the policy's name_pattern {self.pattern!r} is not a valid regular expression: {e}",
+                                   hint="fix name_pattern in the registry's policy.json")
 
     def to_dict(self) -> dict:
         extra = [w for w in self.reserved_words if w not in RESERVED_WORDS]
@@ -41,8 +56,8 @@ def broken_rule(name: str, reserved_words: tuple[str, ...] = RESERVED_WORDS) -> 
     """The first built-in rule `name` breaks, or None when it is a valid name."""
     if not MIN_LENGTH <= len(name) <= MAX_LENGTH:
         return f"a name is {MIN_LENGTH}–{MAX_LENGTH} characters long (this one has {len(name)})"
-    if not _ALLOWED.match(name):
-        bad = sorted({c for c in name if not _ALLOWED.match(c)})
+    if not _ALLOWED.fullmatch(name):
+        bad = sorted({c for c in name if not _ALLOWED.fullmatch(c)})
         return f"a name uses only lowercase letters, digits and '-', '_', '.' (found {' '.join(map(repr, bad))})"
     if not name[0].isalpha():
         return "a name starts with a letter"
@@ -52,6 +67,8 @@ def broken_rule(name: str, reserved_words: tuple[str, ...] = RESERVED_WORDS) -> 
         return "a name has no two separators in a row"
     if name in reserved_words:
         return f"'{name}' is a reserved word ({', '.join(reserved_words)})"
+    if _SHA_PREFIX.fullmatch(name):
+        return f"a name of {MIN_SHA_PREFIX} or more hex digits would read as a sha256 prefix"
     return None
 
 
@@ -69,6 +86,8 @@ def suggest_name(raw: str, reserved_words: tuple[str, ...] = RESERVED_WORDS) -> 
     name = name[:MAX_LENGTH].rstrip(SEPARATORS)
     if len(name) < MIN_LENGTH or name in reserved_words:
         name = f"{name}-adapter"
+    if _SHA_PREFIX.fullmatch(name):
+        name = f"{name[:MAX_LENGTH - 8]}-adapter"
     return name
 
 
@@ -88,7 +107,8 @@ def check_name(name: str, policy: Policy = Policy(), tags: dict | None = None, b
             f"invalid name '{name}': {rule}",
             hint=f"try '{suggest_name(name, policy.reserved_words)}'",
         )
-    missing = [t for t in policy.required_tags if t not in tags]
+    # An empty value satisfies no requirement: `--tag task=` says nothing about the task.
+    missing = [t for t in policy.required_tags if not str(tags.get(t) or "").strip()]
     if missing:
         raise InvalidNameError(
             f"the registry policy requires tag(s) {', '.join(missing)} for '{name}'",
@@ -123,7 +143,7 @@ def _expand_pattern(pattern: str, name: str, tags: dict, base: str | None) -> tu
 def check_tags(tags: dict) -> None:
     """Tag keys are short identifiers; values are any string."""
     for key, value in tags.items():
-        if not _TAG_KEY.match(key):
+        if not _TAG_KEY.fullmatch(key):
             raise InvalidNameError(f"invalid tag key '{key}': 1–64 letters, digits, '_', '.', '-'",
                                    hint=f"try '{_slug(key) or 'key'}'")
         if not isinstance(value, str):
@@ -132,7 +152,7 @@ def check_tags(tags: dict) -> None:
 
 def check_alias(alias: str) -> None:
     """Aliases share the name alphabet, and cannot look like a version number."""
-    if not _ALIAS.match(alias) or alias[-1] in SEPARATORS or alias in ("latest",):
+    if not _ALIAS.fullmatch(alias) or alias[-1] in SEPARATORS or alias in ("latest",):
         raise InvalidNameError(
             f"invalid alias '{alias}': an alias starts with a letter, uses lowercase letters, "
             "digits and '-', '_', '.', ends with a letter or digit and is not 'latest'",
@@ -151,6 +171,11 @@ class Ref:
     sha_prefix: str | None = field(default=None)
 
 
+def is_sha256(text: object) -> bool:
+    """Whether `text` is a full sha256 in lowercase hex: what a blob address or a record's hash must be."""
+    return isinstance(text, str) and len(text) == 64 and _SHA_PREFIX.fullmatch(text) is not None
+
+
 def parse_ref(text: str) -> Ref:
     """Parse a ref string; a bare 12+ hex string may be a name or a sha prefix (names win)."""
     text = text.strip()
@@ -158,10 +183,14 @@ def parse_ref(text: str) -> Ref:
         name, _, selector = text.partition("@")
         if not name or not selector:
             raise InvalidNameError(f"invalid ref '{text}'", hint="use NAME, NAME@VERSION, NAME@ALIAS or a sha256 prefix")
-        if selector.isdigit():
+        if selector.isdigit() or selector.isnumeric():
+            # Versions are ASCII digits counted from 1; int() would read '²' or '١' as another version.
+            if not (selector.isascii() and len(selector) <= MAX_VERSION_DIGITS):
+                raise NotFoundError(f"adapter '{name}' has no version '{selector}'",
+                                    hint="versions are numbered 1, 2, 3… in ASCII digits")
             return Ref(text, name=name, version=int(selector))
         if selector == "latest":
             return Ref(text, name=name)
         return Ref(text, name=name, alias=selector)
-    sha = text.lower() if _SHA_PREFIX.match(text.lower()) else None
+    sha = text.lower() if _SHA_PREFIX.fullmatch(text.lower()) else None
     return Ref(text, name=text, sha_prefix=sha)

@@ -22,7 +22,7 @@ import fnmatch
 import os
 import re
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator
@@ -31,16 +31,17 @@ from tinydb import Query
 from tinydb.table import Document
 
 from . import compat, naming
-from .errors import (AdapterHubError, ConflictError, CorruptRegistryError, IncompatibleError,
-                     NotFoundError, SchemaError)
+from .errors import AdapterHubError, ConflictError, CorruptRegistryError, IncompatibleError, NotFoundError
 from .fingerprint import HashCache, fingerprint_dataset, fingerprint_model
 from .formats import mlx as mlx_format
-from .safetensors_io import read_header, sha256_file
+from .migrations import FORMAT, upgrade
+from .safetensors_io import read_header
 from .schemas import validate
-from .store import ObjectStore, RegistryLock, open_db, read_json, read_tables, write_json
+from .store import (TMP_SUFFIX, ObjectStore, RegistryLock, check_output, open_db, read_json, read_tables, staged_folder,
+                    write_json)
 
-FORMAT = 1
 RECORD_FILE = "adapterhub.json"  # a record written beside weights (fused models, exports) so they carry their lineage
+# Relations whose parent is a version of this registry (others name models or remote repos).
 VERSION_RELATIONS = ("resumed-from", "stacked-from", "promoted-from")
 _CATALOGUE_NAME = re.compile(r"^[a-z][a-z0-9._-]*$")
 # A byte-progress factory: (description, total bytes) -> context manager yielding advance(n).
@@ -85,22 +86,6 @@ class AdapterVersion:
         return {"ref": self.ref, **self.record, "aliases": list(self.aliases)}
 
 
-@dataclass
-class VerifyReport:
-    """Problems fail verification; notes are harmless leftovers of interrupted writes."""
-
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    checked: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_dict(self) -> dict:
-        return {"ok": self.ok, "problems": self.problems, "notes": self.notes, "checked": self.checked}
-
-
 class Registry:
     """A registry rooted at a folder. Every method is one user-level operation."""
 
@@ -111,6 +96,7 @@ class Registry:
         self._lock = RegistryLock(self.root / "registry.lock")
         self._progress = progress
         self._hash_cache = hash_cache
+        self._format_checked = False
 
     # ---- set-up -------------------------------------------------------------
 
@@ -119,9 +105,9 @@ class Registry:
         return (self.root / "registry.json").is_file()
 
     def init(self) -> bool:
-        """Create the registry layout; returns False when it already existed."""
+        """Create the registry layout; returns False when it already existed (upgrading an older format)."""
         if self.initialized:
-            self._marker()
+            self._current_format()
             return False
         self.root.mkdir(parents=True, exist_ok=True)
         with self._lock.hold():
@@ -135,6 +121,27 @@ class Registry:
 
             write_json(self.root / "registry.json", {"format": FORMAT, "created_at": now(), "adapterhub_version": __version__})
         return True
+
+    def _require(self) -> None:
+        """Reading a registry that is not there is a mistake (a typo in --registry), not an empty answer."""
+        if not self.initialized:
+            self._marker()
+        self._current_format()
+
+    def _current_format(self) -> None:
+        """Upgrade a registry written in an older format, once, under the lock; refuse a newer one."""
+        if self._format_checked:
+            return
+        marker = self._marker()
+        if marker["format"] > FORMAT:
+            from . import __version__
+
+            raise CorruptRegistryError(f"{self.root} is in format {marker['format']}, newer than this adapterhub "
+                                       f"({__version__}) reads ({FORMAT})", hint="upgrade adapterhub")
+        if marker["format"] < FORMAT:
+            with self._lock.hold():
+                upgrade(self, self._marker())
+        self._format_checked = True
 
     def _marker(self) -> dict:
         marker = read_json(self.root / "registry.json")
@@ -175,11 +182,17 @@ class Registry:
 
     def _entry(self, name: str) -> tuple[list[dict], dict[str, int]]:
         """A name's versions and aliases, from one read of its catalogue file."""
-        if not _CATALOGUE_NAME.match(name):
-            return [], {}  # never a path outside the catalogue, whatever a ref says
+        versions, aliases, _ = self._entry_with_removed(name)
+        return versions, aliases
+
+    def _entry_with_removed(self, name: str) -> tuple[list[dict], dict[str, int], dict[int, dict]]:
+        """Versions, aliases and removed versions (number -> {sha256, removed_at}) of one name."""
+        if not _CATALOGUE_NAME.fullmatch(name):
+            return [], {}, {}  # never a path outside the catalogue, whatever a ref says
         tables = read_tables(self.catalog / "adapters" / f"{name}.json")
         versions = sorted(tables.get("versions", {}).values(), key=lambda r: r["version"])
-        return versions, {d["alias"]: d["version"] for d in tables.get("aliases", {}).values()}
+        removed = {d["version"]: d for d in tables.get("removed", {}).values()}
+        return versions, {d["alias"]: d["version"] for d in tables.get("aliases", {}).values()}, removed
 
     def _versions(self, name: str) -> list[dict]:
         return self._entry(name)[0]
@@ -201,7 +214,14 @@ class Registry:
     # ---- bases and datasets -------------------------------------------------
 
     def bases(self) -> list[dict]:
-        return sorted((dict(d) for d in open_db(self.catalog / "bases.json").all()), key=lambda b: b["name"])
+        return sorted(self._rows("bases.json", "base_model"), key=lambda b: b["name"])
+
+    def _rows(self, filename: str, schema: str) -> list[dict]:
+        """Every row of a catalogue file, each checked against its schema: a hand-edited row is named, not tripped over."""
+        rows = [dict(d) for d in open_db(self.catalog / filename).all()]
+        for row in rows:
+            validate(row, schema, what=f"{self.catalog / filename} row {row.get('name', row.get('id'))!r}")
+        return rows
 
     def base(self, name_or_sha: str) -> dict:
         """A registered base by name or sha256 prefix (12+ characters)."""
@@ -269,7 +289,7 @@ class Registry:
         return record
 
     def datasets(self) -> list[dict]:
-        return [dict(d) for d in open_db(self.catalog / "datasets.json").all()]
+        return self._rows("datasets.json", "dataset")
 
     def _register_dataset(self, fp: dict, path: Path) -> dict:
         db = open_db(self.catalog / "datasets.json")
@@ -286,11 +306,17 @@ class Registry:
 
     def resolve(self, ref: str) -> AdapterVersion:
         """The version a ref names: `name`, `name@3`, `name@alias`, or a sha256 prefix."""
+        self._require()
         parsed = naming.parse_ref(ref)
-        versions, aliases = self._entry(parsed.name) if parsed.name else ([], {})
+        versions, aliases, removed = self._entry_with_removed(parsed.name) if parsed.name else ([], {}, {})
+        if parsed.version in removed:
+            gone = removed[parsed.version]
+            raise NotFoundError(f"{parsed.name}@{parsed.version} was removed at {gone['removed_at']} "
+                                f"(it was sha256 {gone['sha256'][:12]}); its number is never reused",
+                                hint=f"run 'adapterhub list --name {parsed.name}' for the versions that remain")
         if versions:
             latest = max(v["version"] for v in versions)
-            wanted = parsed.version or (aliases.get(parsed.alias) if parsed.alias else latest)
+            wanted = parsed.version if parsed.version is not None else (aliases.get(parsed.alias) if parsed.alias else latest)
             if parsed.alias and wanted is None:
                 known = ", ".join(sorted(aliases)) or "none"
                 raise NotFoundError(f"adapter '{parsed.name}' has no alias '{parsed.alias}' (aliases: {known})",
@@ -322,6 +348,7 @@ class Registry:
     def list(self, base: str | None = None, kind: str | None = None, tags: dict[str, str] | None = None,
              name_glob: str | None = None) -> list[AdapterVersion]:
         """Versions matching every filter given, by name then version."""
+        self._require()
         if base:
             base_sha = self.base(base)["sha256"]
             names = sorted({d["name"] for d in self._by_base_db(base_sha).all()})
@@ -424,7 +451,7 @@ class Registry:
             # Blobs deduplicate, so storing first costs nothing when these weights are already here.
             with self._progress(f"storing {parsed.weights_path.name}", parsed.weights_path.stat().st_size) as advance:
                 weights = self.objects.put_file(parsed.weights_path, advance)
-            versions = self._versions(name)
+            versions, _, removed = self._entry_with_removed(name)
             existing = [v for v in versions if v["sha256"] == weights[0]]
             if existing:
                 return self._version_obj(existing[0]), False
@@ -434,7 +461,8 @@ class Registry:
             config = self.objects.put_file(parsed.config_path)
             base_record = self._register_base(base_fp, None, Path(base)) if base_fp and not base_record else base_record
             dataset_record = self._register_dataset(dataset_fp, Path(dataset)) if dataset_fp else None
-            version = max((v["version"] for v in versions), default=0) + 1
+            # The high-water mark counts removed versions too: a number means one set of bytes forever.
+            version = max([v["version"] for v in versions] + list(removed), default=0) + 1
             record = make_record(version, weights, config, _base_ref(base_record) if base_record else None, dataset_record)
             self._index(record)
             self._adapter_db(name).table("versions").insert(Document(record, doc_id=version))
@@ -565,27 +593,37 @@ class Registry:
                 if any(p["sha256"] == version.sha256 and p["ref"] == version.ref for p in r["parents"])]
 
     def remove(self, ref: str, force: bool = False) -> AdapterVersion:
-        """Remove one version; refused while others name it as parent, unless forced."""
+        """Remove one version; refused while others name it as parent, unless forced.
+
+        Its number is kept as removed (with its sha256), so it is never given to other bytes.
+        """
         with self._transaction():
             version = self.resolve(ref)
             dependants = self.children(version)
             if dependants and not force:
                 raise ConflictError(f"{version.ref} is the parent of {', '.join(dependants[:5])}",
                                     hint="remove those first, or pass --force to keep them with a dangling parent")
+            # Check, then write: every catalogue file this touches is read (and so parsed) first,
+            # so a damaged one refuses the removal before anything has changed.
+            sha_dbs = {f["sha256"]: self._sha_db(f["sha256"]) for f in version.record["files"]}
+            for db in sha_dbs.values():
+                db.all()
+            base_sha = (version.record["base"] or {}).get("sha256")
+            by_base = self._by_base_db(base_sha) if base_sha else None
+            if by_base is not None:
+                by_base.all()
             db = self._adapter_db(version.name)
             # The record goes first: a crash after it leaves stale index rows and orphan blobs, both harmless.
+            db.table("removed").insert(Document({"version": version.version, "sha256": version.sha256, "removed_at": now()},
+                                                doc_id=version.version))
             db.table("versions").remove(doc_ids=[version.version])
             db.table("aliases").remove(Query().version == version.version)
-            for f in version.record["files"]:
-                sha_db = self._sha_db(f["sha256"])
-                sha_db.remove((Query().sha256 == f["sha256"]) & (Query().name == version.name) & (Query().version == version.version))
-                if not sha_db.contains(Query().sha256 == f["sha256"]):
-                    self.objects.remove(f["sha256"])
-            if not self._versions(version.name):
-                (self.catalog / "adapters" / f"{version.name}.json").unlink(missing_ok=True)
-            if version.record["base"] and not any(v.get("base") and v["base"]["sha256"] == version.record["base"]["sha256"]
-                                                  for v in self._versions(version.name)):
-                self._by_base_db(version.record["base"]["sha256"]).remove(Query().name == version.name)
+            for sha, sha_db in sha_dbs.items():
+                sha_db.remove((Query().sha256 == sha) & (Query().name == version.name) & (Query().version == version.version))
+                if not sha_db.contains(Query().sha256 == sha):
+                    self.objects.remove(sha)
+            if by_base is not None and not any((v.get("base") or {}).get("sha256") == base_sha for v in self._versions(version.name)):
+                by_base.remove(Query().name == version.name)
             return version
 
     def dataset_name_for(self, fingerprint: dict, path: Path) -> str:
@@ -656,102 +694,56 @@ class Registry:
     def fused(self, sha256: str) -> dict | None:
         return next((f for f in self.fused_models() if f["sha256"] == sha256), None)
 
+    # ---- user-named outputs -------------------------------------------------
+
+    @contextmanager
+    def staged_output(self, out: Path | str, purpose: str, inputs: tuple[Path, ...] = (), force: bool = False) -> Iterator[Path]:
+        """A staging folder for a command's output (fuse, unfuse, export), journalled in the catalogue.
+
+        The staging folder sits beside `out`, outside the registry, so a process killed
+        mid-write would leave it where nothing looks; the journal row lets `verify` report
+        it and `verify --repair` remove it. The row goes in before the folder exists and
+        leaves after the rename, so no staging folder is ever unaccounted for.
+        """
+        import socket
+
+        out = Path(out).expanduser()
+        check_output(out, (*inputs, self.root), force)
+        row = {"path": str(out.resolve().parent / f".{out.name}.{purpose}-{os.getpid()}{TMP_SUFFIX}"),
+               "out": str(out.resolve()), "purpose": purpose, "pid": os.getpid(), "host": socket.gethostname(),
+               "started_at": now()}
+        with self._transaction():
+            open_db(self.catalog / "staging.json").insert(row)
+        try:
+            with staged_folder(out, purpose, (*inputs, self.root), force) as staging:
+                yield staging
+        finally:
+            with self._transaction():
+                journal = open_db(self.catalog / "staging.json")
+                journal.remove(Query().path == row["path"])
+                if not len(journal):
+                    # An empty journal is no journal: a refused command leaves the registry byte-identical.
+                    (self.catalog / "staging.json").unlink(missing_ok=True)
+
+    def stale_staging(self) -> list[dict]:
+        """Journalled staging folders whose process is gone: what a killed fuse or export left behind."""
+        return [{**r, "doc_id": r.doc_id} for r in open_db(self.catalog / "staging.json").all()
+                if self.run_status({"status": "running", "pid": r["pid"], "host": r["host"]}) == "interrupted"]
+
     # ---- integrity ----------------------------------------------------------
 
-    def verify(self) -> VerifyReport:
-        """Every record against its schema, every blob re-hashed, every reference resolved."""
-        report = VerifyReport()
-        try:
-            self._marker()
-            self.policy
-        except AdapterHubError as e:
-            report.problems.append(str(e.message))
-            return report
-        referenced: set[str] = set()
-        known_refs: dict[str, str] = {}
-        records: list[dict] = []
-        for name in self._names():
-            try:
-                versions, aliases = self._entry(name)
-            except CorruptRegistryError as e:
-                report.problems.append(e.message)
-                continue
-            for record in versions:
-                try:
-                    validate(record, "adapter_version", what=f"record {name}@{record.get('version')}")
-                except SchemaError as e:
-                    report.problems.append(e.message)
-                    continue
-                records.append(record)
-                known_refs[f"{name}@{record['version']}"] = record["sha256"]
-            numbers = {r["version"] for r in versions}
-            report.problems += [f"alias {name}@{a} points at missing version {v}" for a, v in aliases.items() if v not in numbers]
-        bases = {b["sha256"]: b for b in self._checked_rows(self.catalog / "bases.json", "base_model", report)}
-        datasets = {d["sha256"] for d in self._checked_rows(self.catalog / "datasets.json", "dataset", report)}
-        for record in records:
-            ref = f"{record['name']}@{record['version']}"
-            for f in record["files"]:
-                referenced.add(f["sha256"])
-                blob = self.objects.path(f["sha256"])
-                if not blob.is_file():
-                    report.problems.append(f"{ref}: file {f['name']} is missing from the object store ({blob})")
-                elif sha256_file(blob) != f["sha256"]:
-                    report.problems.append(f"{ref}: file {f['name']} is corrupt (its sha256 no longer matches)")
-            if record["base"] and record["base"]["sha256"] not in bases:
-                report.problems.append(f"{ref}: base {record['base']['name']} is not registered")
-            if record["dataset"] and record["dataset"]["sha256"] not in datasets:
-                report.problems.append(f"{ref}: dataset {record['dataset']['name']} is not registered")
-            for p in record["parents"]:
-                # Other relations name models or remote repos, which the registry does not keep as versions.
-                if p["relation"] in VERSION_RELATIONS and known_refs.get(p["ref"]) != p["sha256"]:
-                    report.problems.append(f"{ref}: parent {p['ref']} ({p['sha256'][:12]}) is not in the registry")
-        fused = self._checked_rows(self.catalog / "fused.json", "fused_model", report)
-        for record in fused:
-            where = f"fused model {record.get('path', record['sha256'][:12])}"
-            if record["base"]["sha256"] not in bases:
-                report.problems.append(f"{where}: base {record['base']['name']} is not registered")
-            if record.get("restore"):
-                sha = record["restore"]["sha256"]
-                referenced.add(sha)
-                blob = self.objects.path(sha)
-                if not blob.is_file():
-                    report.problems.append(f"{where}: restore data {sha[:12]} is missing from the object store")
-                elif sha256_file(blob) != sha:
-                    report.problems.append(f"{where}: restore data {sha[:12]} is corrupt")
-        stale = 0
-        for shard in sorted((self.catalog / "sha").glob("*.json")):
-            try:
-                rows = open_db(shard).all()
-            except CorruptRegistryError as e:
-                report.problems.append(e.message)
-                continue
-            stale += sum(1 for r in rows if known_refs.get(f"{r['name']}@{r['version']}") is None)
-        orphans = [sha for sha in self.objects.all() if sha not in referenced]
-        leftovers = self.objects.leftovers() + sorted(self.catalog.rglob("*.tmp"))
-        if stale:
-            report.notes.append(f"{stale} index row(s) left by an interrupted write; they are ignored")
-        if orphans:
-            report.notes.append(f"{len(orphans)} unreferenced blob(s) in objects/ left by an interrupted write")
-        if leftovers:
-            report.notes.append(f"{len(leftovers)} temporary file(s) left by an interrupted write")
-        report.checked = {"versions": len(records), "blobs": len(referenced), "bases": len(bases), "datasets": len(datasets),
-                          "fused": len(fused)}
-        return report
+    def verify(self):
+        """Every record against its schema and the catalogue's invariants, every blob re-hashed."""
+        from .integrity import verify
 
-    def _checked_rows(self, path: Path, schema: str, report: VerifyReport) -> list[dict]:
-        try:
-            rows = [dict(d) for d in open_db(path).all()]
-        except CorruptRegistryError as e:
-            report.problems.append(e.message)
-            return []
-        good = []
-        for row in rows:
-            try:
-                validate(row, schema, what=f"{path.name} row {row.get('name')}")
-                good.append(row)
-            except SchemaError as e:
-                report.problems.append(e.message)
-        return good
+        return verify(self)
+
+    def repair(self):
+        """Remove what interrupted writes left (orphan blobs, temporary files, stale staging folders, stale index rows)."""
+        from .integrity import repair
+
+        with self._transaction():
+            return repair(self)
 
 
 def _check_weights_claim(record: dict) -> None:
@@ -775,7 +767,10 @@ def _is_zombie(pid: int) -> bool:
 def _origin(folder: Path) -> dict | None:
     """The version record an exported folder carries (adapterhub.json), if any."""
     record = read_json(folder / RECORD_FILE)
-    return record if isinstance(record, dict) and record.get("ref") and record.get("sha256") else None
+    # Untrusted text: only a well-formed claim is weighed (and import still proves it by the weights' hash).
+    if isinstance(record, dict) and isinstance(record.get("ref"), str) and naming.is_sha256(record.get("sha256")):
+        return record
+    return None
 
 
 def _imported_from(origin: dict) -> dict:

@@ -114,6 +114,19 @@ BAD_COMMANDS = [
     ("check unknown ref", ["check", "ghost", "--base", "{model}"], "no adapter 'ghost'"),
     ("check missing base", ["check", "existing", "--base", "{tmp}/no-model"], "does not exist"),
     ("pickle base model", ["base", "add", "{pickle_model}"], "is a pickle file"),
+    # Versions count from 1, in ASCII digits; nothing else names a version.
+    ("rm at zero", ["rm", "existing@0"], "has no version 0"),
+    ("show at zero", ["show", "existing@0"], "has no version 0"),
+    ("superscript version", ["show", "existing@\u00b2"], "has no version '\u00b2'"),
+    ("arabic-indic version", ["rm", "existing@\u0661"], "has no version '\u0661'"),
+    ("version of 5000 digits", ["show", "existing@" + "9" * 5000], "has no version"),
+    # Full-match names: a trailing newline is a character like any other.
+    ("name with a trailing newline", ["import", "{adapter}", "--name", "abcd\n"], "invalid name 'abcd\\n'"),
+    ("name that reads as a sha prefix", ["import", "{adapter}", "--name", "deadbeefcafe"], "would read as a sha256 prefix"),
+    ("alias with a trailing newline", ["alias", "existing", "prod\n"], "invalid alias 'prod\\n'"),
+    ("tag key with a trailing newline", ["tag", "existing", "owner\n=ana"], "invalid tag key 'owner\\n'"),
+    ("control characters are escaped", ["show", "ghost\x1b[31m"], "no adapter 'ghost\\x1b[31m'"),
+    ("registry path that is a file", ["list", "--registry", "{adapter}/adapter_config.json"], "no registry at"),
 ]
 
 
@@ -150,3 +163,31 @@ def test_usage_errors_exit_2(cli):
     code, _, err = cli("tag", "x", "novalue")
     assert code == 2 and "is not KEY=VALUE" in err
 
+
+
+def test_bad_lock_timeout_is_one_line(cli, populated, lora_adapter, monkeypatch):
+    monkeypatch.setenv("ADAPTERHUB_LOCK_TIMEOUT", "abc")
+    before = snapshot(populated.root)
+    assert_refused(cli("import", lora_adapter, "--name", "another"), "ADAPTERHUB_LOCK_TIMEOUT='abc' is not a number", before, populated)
+
+
+def test_empty_registry_path_is_a_usage_error(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for args in (["--registry", "", "list"], ["list", "--registry", ""]):
+        code, _, err = cli(*args)
+        assert code == 2 and "an empty path would mean the current folder" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["registry"]  # the fixture's own, nothing more
+
+
+def test_policy_regex_that_does_not_compile(cli, populated, lora_adapter):
+    (populated.root / "policy.json").write_text(json.dumps({"name_pattern": "^(oops", "required_tags": []}))
+    before = snapshot(populated.root)
+    assert_refused(cli("import", lora_adapter, "--name", "another"), "is not a valid regular expression", before, populated)
+
+
+def test_required_tag_with_an_empty_value(cli, populated, lora_adapter):
+    from adapterhub.naming import Policy
+
+    populated.set_policy(Policy(required_tags=("task",)))
+    before = snapshot(populated.root)
+    assert_refused(cli("import", lora_adapter, "--name", "another", "--tag", "task="), "requires tag(s) task", before, populated)

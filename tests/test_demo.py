@@ -13,9 +13,12 @@ def test_demo_runs_the_lifecycle_into_a_fresh_registry(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "error: invalid name 'Tiny Stories!'" in done.stdout  # the naming step shows a refusal
     reg = Registry(registry)
-    assert [v.ref for v in reg.list()] == ["tiny-colours-reft@1", "tiny-stories-extracted@1", "tiny-stories-lora@1", "tiny-stories-lora-ckpt@1",
+    assert [v.ref for v in reg.list()] == ["tiny-colours-reft@1", "tiny-stories-extracted@1", "tiny-stories-lora@1", "tiny-stories-lora-ckpt@2",
                                           "tiny-trained@1", "tiny-trained@2", "tiny-trained-from-peft@1"]
     assert reg.resolve("tiny-trained@2").record["parents"][0]["ref"] == "tiny-trained@1"
+    # Step 12 removed tiny-stories-lora-ckpt@1 and imported the same bytes again: a new number, not the old one.
+    assert "tiny-stories-lora-ckpt@1 was removed at" in done.stdout and "no version 0" in done.stdout
+    assert "is inside the registry at" in done.stdout
     assert [r["status"] for r in reg.runs()] == ["finished", "finished", "finished"]
     assert "same tokens" in done.stdout and "exact: the base is back, bit for bit" in done.stdout
     assert len(reg.fused_models()) == 1

@@ -3,7 +3,7 @@ import pytest
 from adapterhub.errors import InvalidNameError
 from adapterhub.naming import Policy, broken_rule, check_alias, check_name, parse_ref, suggest_name
 
-VALID = ["sql-lora", "abc", "llama3.2-sql_v2", "a" * 64, "x1y"]
+VALID = ["sql-lora", "abc", "llama3.2-sql_v2", "a" * 63 + "z", "x1y", "deadbeef", "abcdef12345z"]
 INVALID = [
     ("ab", "3–64 characters"),
     ("a" * 65, "3–64 characters"),
@@ -18,6 +18,9 @@ INVALID = [
     ("base", "reserved"),
     ("all", "reserved"),
     ("none", "reserved"),
+    ("abcd\n", "lowercase"),  # `$` matches before a final newline; names are full-matched
+    ("deadbeefcafe", "sha256 prefix"),
+    ("a" * 64, "sha256 prefix"),
 ]
 
 
@@ -36,7 +39,7 @@ def test_invalid_names_name_the_rule_and_suggest_a_valid_one(name, rule):
     assert broken_rule(suggestion) is None, suggestion
 
 
-@pytest.mark.parametrize("raw", ["My Adapter!!", "__x__", "9", "", "Ünïcode name", "a--b..c", "all", "z" * 100])
+@pytest.mark.parametrize("raw", ["deadbeefcafe00", "My Adapter!!", "__x__", "9", "", "Ünïcode name", "a--b..c", "all", "z" * 100])
 def test_suggestions_are_always_valid(raw):
     assert broken_rule(suggest_name(raw)) is None
 
@@ -80,3 +83,35 @@ def test_refs_parse():
 def test_bad_aliases(alias):
     with pytest.raises(InvalidNameError):
         check_alias(alias)
+
+
+@pytest.mark.parametrize("ref", ["x@0", "x@00", "x@\u00b2", "x@\u0661", "x@" + "9" * 5000])
+def test_versions_are_ascii_numbers_from_one(ref, registry, lora_adapter):
+    from adapterhub.errors import NotFoundError
+
+    registry.import_adapter(lora_adapter, "x-lora")
+    ref = ref.replace("x@", "x-lora@")
+    with pytest.raises(NotFoundError, match="no version"):
+        registry.resolve(ref)
+
+
+@pytest.mark.parametrize("alias", ["prod\n", "Prod", "7", "prod-"])
+def test_aliases_and_tag_keys_are_full_matched(alias):
+    from adapterhub.naming import check_tags
+
+    with pytest.raises(InvalidNameError):
+        check_alias(alias)
+    with pytest.raises(InvalidNameError):
+        check_tags({"key\n": "v"})
+
+
+def test_required_tag_needs_a_value():
+    policy = Policy(required_tags=("task",))
+    with pytest.raises(InvalidNameError, match="requires tag"):
+        check_name("sql-lora", policy, tags={"task": " "})
+    check_name("sql-lora", policy, tags={"task": "sql"})
+
+
+def test_a_policy_pattern_that_does_not_compile_is_refused_where_read():
+    with pytest.raises(InvalidNameError, match="not a valid regular expression"):
+        Policy.from_dict({"name_pattern": "^({base}-"})

@@ -1,0 +1,183 @@
+"""verify finds every broken invariant on a registry the test damages; verify --repair removes only leftovers."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from adapterhub.registry import Registry
+from tests.conftest import assert_refused, snapshot
+
+
+def _edit_tables(path, change):
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc))
+
+
+def _overwrite_blob(registry, sha, data: bytes):
+    blob = registry.objects.path(sha)
+    blob.chmod(0o644)
+    blob.write_bytes(data)
+
+
+@pytest.fixture
+def two_versions(registry, lora_adapter, lora_adapter_b, tiny_model):
+    one, _ = registry.import_adapter(lora_adapter, "stories", base=tiny_model)
+    two, _ = registry.import_adapter(lora_adapter_b, "stories", base=tiny_model)
+    return one, two
+
+
+def test_a_blob_overwritten_with_other_weights_is_refused_everywhere_and_healed_by_reimport(
+        cli, registry, two_versions, lora_adapter, tiny_model, tmp_path):
+    one, two = two_versions
+    _overwrite_blob(registry, one.sha256, registry.objects.path(two.sha256).read_bytes())
+    before = snapshot(registry.root)
+    for args in (["export", "stories@1", tmp_path / "mlx"], ["export", "stories@1", tmp_path / "peft", "--format", "peft"],
+                 ["check", "stories@1", "--base", tiny_model],
+                 ["fuse", "stories@1", "--base", tiny_model, "--out", tmp_path / "fused"]):
+        assert_refused(cli(*args), "is corrupt: its bytes no longer hash to its sha256", before, registry)
+        assert not any(tmp_path.glob("*/adapters.safetensors"))
+    code, out, _ = cli("verify")
+    assert code == 1 and "stories@1: file adapters.safetensors is corrupt" in out
+    # The genuine bytes, imported under another name, replace the corrupt blob: the store heals.
+    assert cli("import", lora_adapter, "--name", "stories-again", "--base", tiny_model)[0] == 0
+    assert registry.objects.verified(one.sha256) and cli("verify")[0] == 0
+
+
+def test_a_record_whose_sha256_is_not_its_weights_is_found_and_never_used(cli, registry, two_versions, tmp_path):
+    one, two = two_versions
+    _edit_tables(registry.catalog / "adapters" / "stories.json",
+                 lambda d: d["versions"]["1"].update(sha256=two.sha256))
+    code, out, _ = cli("verify")
+    assert code == 1 and "stories@1: its sha256 " + two.sha256[:12] + " is not the sha256 of its weights" in out
+    before = snapshot(registry.root)
+    assert_refused(cli("export", "stories@1", tmp_path / "out"), "claims weights", before, registry)
+
+
+@pytest.mark.parametrize("damage,problem", [
+    (lambda d: d["versions"].update({"3": d["versions"]["2"]}), "is stored as version 3"),
+    (lambda d: d["versions"]["2"].update(name="other"), "says its name is 'other' but is filed under 'stories'"),
+    (lambda d: d["versions"]["2"].update(parents=[{"ref": "stories@2", "sha256": d["versions"]["2"]["sha256"],
+                                                   "relation": "resumed-from"}]), "names itself as its parent"),
+    (lambda d: (d["versions"]["1"].update(parents=[{"ref": "stories@2", "sha256": d["versions"]["2"]["sha256"],
+                                                    "relation": "resumed-from"}]),
+                d["versions"]["2"].update(parents=[{"ref": "stories@1", "sha256": d["versions"]["1"]["sha256"],
+                                                    "relation": "resumed-from"}])),
+     "lineage cycle: stories@1 -> stories@2 -> stories@1"),
+    (lambda d: d.setdefault("removed", {}).update({"2": {"version": 2, "sha256": "0" * 64, "removed_at": "x"}}),
+     "stories@2 is recorded both as present and as removed"),
+], ids=["duplicate version", "name disagrees with file", "own parent", "cycle", "present and removed"])
+def test_verify_finds_broken_catalogue_invariants(cli, registry, two_versions, damage, problem):
+    _edit_tables(registry.catalog / "adapters" / "stories.json", damage)
+    code, out, err = cli("verify")
+    assert code == 1 and problem in out, out
+    assert "has 1 problem(s)" in err or "problem(s)" in err
+
+
+@pytest.mark.parametrize("target", ["sha", "by-base", "runs.json", "fused.json", "datasets.json"])
+def test_verify_finds_a_truncated_index_file(cli, registry, two_versions, target):
+    folder = registry.catalog / target
+    path = sorted(folder.glob("*.json"))[0] if folder.is_dir() else folder
+    if not path.exists():
+        path.write_text('{"_default": {}}')
+    path.write_text(path.read_text()[:7])
+    code, out, _ = cli("verify")
+    assert code == 1 and f"{path} is damaged" in out
+
+
+def test_verify_finds_a_policy_regex_that_does_not_compile(cli, registry, two_versions):
+    (registry.root / "policy.json").write_text(json.dumps({"name_pattern": "^(unclosed", "required_tags": []}))
+    code, out, _ = cli("verify")
+    assert code == 1 and "is not a valid regular expression" in out
+
+
+def test_repair_removes_only_leftovers_and_reports_them(cli, registry, two_versions, tmp_path):
+    one, _ = two_versions
+    orphan, _ = registry.objects.put_file(registry.objects.path(one.sha256))  # same bytes: not an orphan
+    stray = tmp_path / "stray.bin"
+    stray.write_bytes(b"left by a killed import")
+    orphan, _ = registry.objects.put_file(stray)
+    (registry.objects.root / "tmp" / ".blob.123.abcd1234.tmp").write_bytes(b"half")
+    # A killed fuse: its staging folder beside the output, and its journal row, with a pid that is gone.
+    staging = tmp_path / ".fused.fuse-999999.tmp"
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"\0" * 4096)
+    from adapterhub.store import open_db
+    open_db(registry.catalog / "staging.json").insert(
+        {"path": str(staging), "out": str(tmp_path / "fused"), "purpose": "fuse", "pid": 999999,
+         "host": os.uname().nodename, "started_at": "2026-01-01T00:00:00Z"})
+    code, out, _ = cli("verify")
+    assert code == 0 and "1 unreferenced blob(s)" in out and "staging folder of a killed fuse (4,096 bytes)" in out
+    assert "1 temporary file(s)" in out and "verify --repair" in out
+    code, out, _ = cli("--json", "verify", "--repair")
+    report = json.loads(out)
+    assert code == 0 and report["repaired"]["removed"]["orphan blobs"] == [orphan]
+    assert report["repaired"]["removed"]["staging folders"] == [str(staging)] and not staging.exists()
+    assert report["notes"] == [] and registry.objects.verified(one.sha256)
+    assert registry.resolve("stories@2")
+
+
+def test_repair_refuses_while_the_catalogue_is_damaged(cli, registry, two_versions):
+    stray = registry.root.parent / "stray.bin"
+    stray.write_bytes(b"x")
+    registry.objects.put_file(stray)
+    path = registry.catalog / "adapters" / "stories.json"
+    path.write_text(path.read_text()[:30])
+    before = snapshot(registry.root)
+    assert_refused(cli("verify", "--repair"), "the catalogue itself is damaged", before, registry)
+
+
+def test_a_version_number_means_one_set_of_bytes_forever(cli, registry, lora_adapter, lora_adapter_b, all_layers_adapter):
+    registry.import_adapter(lora_adapter, "stories")
+    gone, _ = registry.import_adapter(lora_adapter_b, "stories")
+    assert cli("rm", "stories@2")[0] == 0
+    third, created = registry.import_adapter(all_layers_adapter, "stories")
+    assert created and third.version == 3
+    code, _, err = cli("show", "stories@2")
+    assert code == 1 and f"stories@2 was removed at " in err and f"sha256 {gone.sha256[:12]}" in err
+    # Removing every version keeps the high-water mark too.
+    assert cli("rm", "stories@1")[0] == 0 and cli("rm", "stories@3")[0] == 0
+    again, _ = registry.import_adapter(lora_adapter, "stories")
+    assert again.version == 4 and registry.verify().ok
+
+
+def test_rm_at_zero_removes_nothing(cli, registry, two_versions):
+    before = snapshot(registry.root)
+    assert_refused(cli("rm", "stories@0"), "has no version 0", before, registry)
+
+
+def test_a_failed_rm_changes_nothing(cli, registry, two_versions):
+    _, two = two_versions
+    registry.alias("stories@2", "prod")
+    shard = registry.catalog / "sha" / f"{two.sha256[:2]}.json"
+    shard.write_text(shard.read_text()[:20])
+    before = snapshot(registry.root)
+    assert_refused(cli("rm", "stories@prod"), "is damaged", before, registry)
+
+
+def test_a_bad_row_in_bases_json_is_named(cli, registry, two_versions):
+    _edit_tables(registry.catalog / "bases.json", lambda d: d["_default"]["1"].pop("sha256"))
+    before = snapshot(registry.root)
+    assert_refused(cli("base", "list"), "does not match schema 'base_model'", before, registry)
+
+
+def test_reading_a_registry_that_does_not_exist_is_an_error(cli, tmp_path):
+    code, _, err = cli("list", registry=tmp_path / "typo")
+    assert code == 1 and err.startswith("error: no registry at") and "adapterhub init" in err
+    assert not (tmp_path / "typo").exists()
+
+
+def test_catalogue_numbers_are_standard_json(cli, registry, two_versions):
+    path = registry.catalog / "adapters" / "stories.json"
+    path.write_text(path.read_text().replace('"scale":20.0', '"scale":NaN'))
+    before = snapshot(registry.root)
+    assert_refused(cli("show", "stories@1"), "is damaged: non-standard number NaN", before, registry)
+
+
+def test_deeply_nested_catalogue_file_is_one_line(cli, registry, two_versions):
+    path = registry.catalog / "adapters" / "stories.json"
+    path.write_text("[" * 100000 + "]" * 100000)
+    before = snapshot(registry.root)
+    assert_refused(cli("show", "stories"), "is damaged: nesting too deep", before, registry)
