@@ -179,14 +179,8 @@ def _scan_versions(registry, report: VerifyReport) -> _Catalogue:
 
 
 def _index_rows(registry, filename: str, report: VerifyReport) -> list[dict]:
-    path = registry.catalog / filename
-    try:
-        rows = [dict(d) for d in open_db(path).all()]
-    except CorruptRegistryError as e:
-        report.problems.append(e.message)
-        return []
     good = []
-    for row in rows:
+    for row in map(dict, _readable_rows(registry.catalog / filename, report)):
         try:
             validate(row, INDEX_SCHEMAS[filename], what=f"{filename} row {row.get('name', row.get('id'))!r}")
             good.append(row)
@@ -198,27 +192,23 @@ def _index_rows(registry, filename: str, report: VerifyReport) -> list[dict]:
 def _scan_indexes(registry, found: _Catalogue, report: VerifyReport) -> None:
     """The sha and by-base shards parse, and each row points at a record (or is a harmless leftover)."""
     for shard in sorted((registry.catalog / "sha").glob("*.json")):
-        try:
-            rows = open_db(shard).all()
-        except CorruptRegistryError as e:
-            report.problems.append(e.message)
-            continue
-        stale = [r.doc_id for r in rows
-                 if not isinstance(r, dict) or f"{r.get('name')}@{r.get('version')}" not in found.records]
+        stale = [r.doc_id for r in _readable_rows(shard, report)
+                 if f"{r.get('name')}@{r.get('version')}" not in found.records]
         if stale:
             found.stale_rows[shard] = stale
     for shard in sorted((registry.catalog / "by-base").glob("*.json")):
-        try:
-            rows = open_db(shard).all()
-        except CorruptRegistryError as e:
-            report.problems.append(e.message)
-            continue
-        if any(not isinstance(r.get("name"), str) for r in rows):
+        if any(not isinstance(r.get("name"), str) for r in _readable_rows(shard, report)):
             report.problems.append(f"{shard} has a row without a name; restore it or remove it and re-import")
+    _readable_rows(registry.catalog / "staging.json", report)
+
+
+def _readable_rows(path: Path, report: VerifyReport) -> list:
+    """A catalogue file's rows; a damaged file is a problem, reported once, and reads as empty."""
     try:
-        open_db(registry.catalog / "staging.json").all()
+        return open_db(path).all()
     except CorruptRegistryError as e:
         report.problems.append(e.message)
+        return []
 
 
 def _leftover_notes(registry, found: _Catalogue, report: VerifyReport) -> None:

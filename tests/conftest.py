@@ -86,6 +86,13 @@ def registry(registry_path) -> Registry:
 
 
 @pytest.fixture
+def populated(registry, lora_adapter, tiny_model):
+    """A registry holding one version, `existing@1`, for refusals to leave untouched."""
+    registry.import_adapter(lora_adapter, "existing", base=tiny_model)
+    return registry
+
+
+@pytest.fixture
 def cli(registry_path, capsys, monkeypatch):
     """Run the real `adapterhub` entry point in-process; returns (exit code, stdout, stderr)."""
     from adapterhub.cli import main

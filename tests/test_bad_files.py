@@ -94,20 +94,6 @@ ADAPTER_CASES = [
 ]
 
 
-@pytest.fixture
-def populated(registry, lora_adapter, tiny_model):
-    registry.import_adapter(lora_adapter, "existing", base=tiny_model)
-    return registry
-
-
-@pytest.mark.parametrize("case,damage,message", ADAPTER_CASES, ids=[c[0] for c in ADAPTER_CASES])
-def test_adapters_mlx_cannot_load_are_refused_at_import(cli, populated, adapter_copy, tiny_model, case, damage, message):
-    folder = adapter_copy()
-    damage(folder)
-    before = snapshot(populated.root)
-    assert_refused(cli("import", folder, "--name", "broken", "--base", tiny_model), message, before, populated)
-
-
 # ---- damaging a base model folder --------------------------------------------
 
 def _sharded(tmp_path, name="sharded"):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import assert_refused, snapshot
+from tests.test_bad_files import ADAPTER_CASES
 
 
 def _truncate(folder):
@@ -78,13 +79,11 @@ IMPORT_CASES = [
 ]
 
 
-@pytest.fixture
-def populated(registry, lora_adapter, tiny_model):
-    registry.import_adapter(lora_adapter, "existing", base=tiny_model)
-    return registry
+# One table of damaged adapter folders: these, and test_bad_files' cases of bytes mlx cannot load.
+ALL_IMPORT_CASES = IMPORT_CASES + ADAPTER_CASES
 
 
-@pytest.mark.parametrize("case,damage,message", IMPORT_CASES, ids=[c[0] for c in IMPORT_CASES])
+@pytest.mark.parametrize("case,damage,message", ALL_IMPORT_CASES, ids=[c[0] for c in ALL_IMPORT_CASES])
 def test_bad_adapter_folders_are_refused(cli, populated, adapter_copy, tiny_model, case, damage, message):
     folder = adapter_copy()
     damage(folder)

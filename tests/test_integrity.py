@@ -2,11 +2,9 @@
 
 import json
 import os
-import shutil
 
 import pytest
 
-from adapterhub.registry import Registry
 from tests.conftest import assert_refused, snapshot
 
 
@@ -136,7 +134,7 @@ def test_a_version_number_means_one_set_of_bytes_forever(cli, registry, lora_ada
     third, created = registry.import_adapter(all_layers_adapter, "stories")
     assert created and third.version == 3
     code, _, err = cli("show", "stories@2")
-    assert code == 1 and f"stories@2 was removed at " in err and f"sha256 {gone.sha256[:12]}" in err
+    assert code == 1 and "stories@2 was removed at " in err and f"sha256 {gone.sha256[:12]}" in err
     # Removing every version keeps the high-water mark too.
     assert cli("rm", "stories@1")[0] == 0 and cli("rm", "stories@3")[0] == 0
     again, _ = registry.import_adapter(lora_adapter, "stories")
