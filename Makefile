@@ -1,6 +1,11 @@
 # Each target builds .venv from nothing when it is missing, so a fresh clone
 # needs only `make demo` and `make test`.
 PYTHON ?= python3
+# The MLX backend extra on Linux: cpu here, cuda12 or cuda13 on an NVIDIA machine (make test BACKEND=cuda13);
+# macOS needs none (Metal comes with mlx).
+BACKEND ?= $(if $(filter Darwin,$(shell uname -s)),,cpu)
+comma := ,
+EXTRAS := $(if $(BACKEND),$(BACKEND)$(comma))test
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -10,7 +15,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -814,6 +814,11 @@ def demo(ctx: Context, workdir: Path) -> None:
 _accept_global_options_after_commands(cli)
 
 
+def _mlx_backend_missing(error: ImportError) -> bool:
+    """On Linux the backend is an extra (mlx-cpu, mlx-cuda-12/13); without one, `import mlx.core` cannot find libmlx."""
+    return "libmlx" in str(error) or (error.name or "").partition(".")[0] in ("mlx", "mlx_metal", "mlx_cuda")
+
+
 def main() -> None:
     """Entry point: one-line errors and exit 1 for mistakes, tracebacks only with ADAPTERHUB_DEBUG=1."""
     debug = os.environ.get("ADAPTERHUB_DEBUG") == "1"
@@ -833,6 +838,12 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except ImportError as e:
+        if debug or not _mlx_backend_missing(e):
+            raise
+        click.echo(f"error: MLX cannot load its backend here ({printable(str(e))}) — install one: "
+                   f"pip install 'adapterhub[cpu]', or 'adapterhub[cuda12]' / 'adapterhub[cuda13]' for an NVIDIA GPU", err=True)
+        sys.exit(1)
     except OSError as e:
         if debug:
             raise

@@ -1,8 +1,9 @@
-"""Tiny local llama models, tokenizers and datasets: for the demo, the tests and the benches.
+"""Tiny local models of every architecture in the matrix, tokenizers and datasets: for the demo, tests and benches.
 
 Nothing can be downloaded here, so everything a lifecycle needs is made from
-scratch: random weights saved as mlx-lm saves them, a word-level tokenizer made
-with the `tokenizers` library, and small JSONL datasets in mlx-lm's formats.
+scratch: random weights from mlx-lm's own model classes, saved as mlx-lm saves
+them, a byte-level BPE tokenizer made with the `tokenizers` library, and small
+JSONL datasets in mlx-lm's formats.
 """
 
 from __future__ import annotations
@@ -52,15 +53,27 @@ def _vocabulary() -> list[str]:
     return SPECIAL_TOKENS + sorted(words)
 
 
-def write_tokenizer(folder: Path) -> int:
-    """A word-level tokenizer that transformers' AutoTokenizer (and so mlx_lm.load) accepts."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+# Qwen2's pre-tokenizer split: transformers rebuilds a qwen2 or phi3 tokenizer from vocab and merges with
+# its own class whatever tokenizer_config.json says, so only a byte-level BPE reads the same in every class.
+_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
-    vocab = {w: i for i, w in enumerate(_vocabulary())}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+
+def write_tokenizer(folder: Path) -> int:
+    """A byte-level BPE tokenizer (one token per toy word) that transformers loads as any model type's class."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    words = [w for w in _vocabulary() if w not in SPECIAL_TOKENS]
+    tokenizer = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, min_frequency=1, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    # Each word with and without its leading space, so every word of the toy corpus is one token.
+    tokenizer.train_from_iterator([w for w in words for _ in range(3)] + [" " + w for w in words for _ in range(3)], trainer)
+    bos = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
     write_json(folder / "tokenizer_config.json", {
@@ -69,44 +82,103 @@ def write_tokenizer(folder: Path) -> int:
         # A minimal template, so completions and chat data (which mlx-lm formats with it) work too.
         "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}",
     })
-    return len(vocab)
+    return tokenizer.get_vocab_size()
+
+
+# The architecture matrix: what each model type adds to the shared tiny shape (mlx_lm's own classes build them).
+ARCHITECTURES: dict[str, dict] = {
+    "llama": {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True},
+    # tied embeddings, bias on q/k/v, and model.layers answered with a fresh slice (pipelining)
+    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "rope_theta": 1000000.0, "tie_word_embeddings": True},
+    # q/k norms, an explicit head_dim
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "rope_theta": 1000000.0, "tie_word_embeddings": True},
+    # RMSNorm applies 1 + weight; attention and final logits soft-capped
+    "gemma2": {"architectures": ["Gemma2ForCausalLM"], "query_pre_attn_scalar": 16, "attn_logit_softcapping": 50.0,
+               "final_logit_softcapping": 30.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+    # fused qkv_proj and gate_up_proj, an untied lm_head
+    "phi3": {"architectures": ["Phi3ForCausalLM"], "original_max_position_embeddings": 512, "tie_word_embeddings": False},
+    # experts stacked in switch_mlp, a router, an untied lm_head
+    "mixtral": {"architectures": ["MixtralForCausalLM"], "num_local_experts": 4, "num_experts_per_tok": 2,
+                "rope_theta": 1000000.0, "tie_word_embeddings": False},
+}
+
+
+def model_config(arch: str = "llama", hidden_size: int = 64, num_layers: int = 4, intermediate_size: int = 128,
+                 num_heads: int = 4, num_kv_heads: int = 2, vocab_size: int = 256, dtype: str = "float32") -> dict:
+    """The config.json of a tiny model of `arch`, as a Hugging Face export would write it."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"no tiny {arch!r} model: one of {', '.join(ARCHITECTURES)}")
+    return {
+        "model_type": arch, "hidden_size": hidden_size, "num_hidden_layers": num_layers,
+        "intermediate_size": intermediate_size, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
+        "head_dim": hidden_size // num_heads, "rms_norm_eps": 1e-5, "vocab_size": vocab_size,
+        "max_position_embeddings": 512, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "torch_dtype": dtype,
+        **ARCHITECTURES[arch],
+    }
 
 
 def write_model(folder: Path, hidden_size: int = 64, num_layers: int = 4, intermediate_size: int = 128,
                 num_heads: int = 4, num_kv_heads: int = 2, vocab_size: int | None = None, seed: int = 0,
-                dtype: str = "float32", shards: int = 1) -> Path:
-    """A random-weight llama folder (config.json, *.safetensors, tokenizer) that mlx_lm.load accepts."""
+                dtype: str = "float32", shards: int = 1, arch: str = "llama") -> Path:
+    """A random-weight model folder (config.json, *.safetensors, tokenizer) of `arch` that mlx_lm.load accepts."""
+    import importlib
+
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lm.models import llama
 
     folder = Path(folder)
     tokens = write_tokenizer(folder)
-    vocab_size = max(vocab_size or 0, tokens)
-    config = {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden_size,
-        "num_hidden_layers": num_layers, "intermediate_size": intermediate_size,
-        "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "rms_norm_eps": 1e-5,
-        "vocab_size": vocab_size, "tie_word_embeddings": True, "max_position_embeddings": 512,
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": dtype,
-    }
+    config = model_config(arch, hidden_size, num_layers, intermediate_size, num_heads, num_kv_heads,
+                          max(vocab_size or 0, tokens), dtype)
+    module = importlib.import_module(f"mlx_lm.models.{arch}")
     mx.random.seed(seed)
-    model = llama.Model(llama.ModelArgs(**{k: v for k, v in config.items() if k not in ("architectures", "bos_token_id", "eos_token_id", "torch_dtype")}))
+    model = module.Model(module.ModelArgs.from_dict(config))
     weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
     mx.eval(weights)
     write_json(folder / "config.json", config)
+    _save_weights(folder, weights, shards)
+    return folder
+
+
+def _save_weights(folder: Path, weights: dict, shards: int = 1) -> None:
+    import mlx.core as mx
+
     names = sorted(weights)
     if shards == 1:
         mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
-    else:
-        index = {}
-        for i in range(shards):
-            part = names[i::shards]
-            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            mx.save_safetensors(str(folder / fname), {k: weights[k] for k in part}, metadata={"format": "mlx"})
-            index.update({k: fname for k in part})
-        write_json(folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": index})
-    return folder
+        return
+    index = {}
+    for i in range(shards):
+        part = names[i::shards]
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        mx.save_safetensors(str(folder / fname), {k: weights[k] for k in part}, metadata={"format": "mlx"})
+        index.update({k: fname for k in part})
+    write_json(folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": index})
+
+
+def write_quantized(source: Path, out: Path, bits: int, group_size: int) -> Path:
+    """`source` quantized as mlx_lm.convert does (its quantize_model), tokenizer files copied as they are."""
+    import contextlib
+    import io
+    import shutil
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.utils import quantize_model
+
+    model, _, config = load(str(source), return_config=True, lazy=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints bits per weight
+        model, config = quantize_model(model, config, group_size, bits)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+    _save_weights(out, weights)
+    write_json(out / "config.json", config)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(source) / name, out / name)
+    return out
 
 
 def write_adapter(model_dir: Path, out: Path, rank: int = 4, scale: float = 10.0, num_layers: int = 2,

@@ -6,6 +6,7 @@ import click
 import pytest
 
 from adapterhub.cli import FiniteFloat, cli as root
+from tests.conftest import subprocess_env
 
 
 def _commands(group: click.Group, prefix=()):
@@ -62,3 +63,22 @@ def test_importing_the_same_weights_says_what_was_not_applied(cli, registry, lor
     code, out, _ = cli("--json", "import", lora_adapter, "--name", "stories", "--tag", "task=b")
     assert json.loads(out)["not_applied"] == {"tags": {"task": "b"}}
     assert registry.resolve("stories").record["tags"] == {"task": "a"}
+
+
+def test_a_linux_install_without_an_mlx_backend_says_which_extra_to_install(tmp_path):
+    """mlx without mlx-cpu / mlx-cuda: its real package, minus the backend library the extra would bring."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mlx
+
+    site = tmp_path / "site"
+    shutil.copytree(Path(list(mlx.__path__)[0]), site / "mlx", ignore=shutil.ignore_patterns("libmlx*"))
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
+    done = subprocess.run([sys.executable, "-m", "adapterhub.cli", "--registry", str(tmp_path / "reg"), "--quiet", "demo",
+                           "--workdir", str(tmp_path / "work")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: MLX cannot load its backend here") and "adapterhub[cpu]" in done.stderr
