@@ -23,8 +23,12 @@ ENV_REGISTRY = "ADAPTERHUB_REGISTRY"
 
 
 def default_registry() -> Path:
-    if os.environ.get(ENV_REGISTRY):
-        return Path(os.environ[ENV_REGISTRY])
+    value = os.environ.get(ENV_REGISTRY, "")
+    if value:  # empty is unset, as shells export it; blank would quietly mean the current folder
+        if not value.strip():
+            raise AdapterHubError(f"{ENV_REGISTRY} is blank, which would mean the current folder",
+                                  hint="set it to the registry folder, or unset it")
+        return Path(value)
     if Path("registry").is_dir():
         return Path("registry")
     return Path.home() / ".adapterhub"
@@ -734,7 +738,7 @@ def card(ctx: Context, target: str, out: Path | None, force: bool) -> None:
     text = make_card(ctx.registry, target)
     if out:
         folder = Path(target)
-        write_output_file(out, text, (ctx.registry.root, *((folder,) if folder.is_dir() else ())), force)
+        write_output_file(out, text, (*ctx.registry.protected_paths(), *((folder,) if folder.is_dir() else ())), force)
         ctx.emit({"target": target, "out": str(out)}, f"wrote {out}")
     else:
         click.echo(text, nl=False)

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from .registry import Registry
+from .store import check_output
 from .tinymodel import write_dataset, write_model
 
 DEMO_ITERS = 30
@@ -58,6 +59,8 @@ def _greedy(model: Path, adapter: Path | None = None, prompt: str = "the cat see
 
 def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
     workdir = Path(workdir)
+    # The demo rewrites folders under its workdir on every run: never one in or around a registry.
+    check_output(workdir, (Path(registry),), force=True)
     model, data, adapters = workdir / "tiny-llama", workdir / "stories", workdir / "adapters-stories"
     _step("1. a tiny llama model (random weights, local tokenizer) and a dataset", quiet)
     if not (model / "config.json").exists():

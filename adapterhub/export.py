@@ -29,11 +29,12 @@ def export(registry: Registry, ref: str, out_dir: Path | str, format: str = "mlx
         raise AdapterHubError(f"{version.ref} is a LoReFT adapter, which PEFT's LoRA format cannot hold",
                               hint="export it with --format mlx; adapterhub generate and adapterhub.loreft.load_folder load it")
     out = Path(out_dir)
+    weights = registry.weights(version)  # the record's claim and the bytes, checked before anything is written
     with registry.staged_output(out, "export", force=force) as staging:
         if format == "mlx":
             copy_stored_files(registry, version, staging)
         else:
-            peft_format.from_mlx(registry.objects.verified(version.sha256, f"weights of {version.ref}"), version.record, staging, base_reference(registry, version))
+            peft_format.from_mlx(weights, version.record, staging, base_reference(registry, version))
         write_json(staging / RECORD_FILE, version.to_dict())
         with atomic_write(staging / "README.md", "w") as f:
             f.write(adapter_card(registry, version, library=format))

@@ -11,6 +11,7 @@ registry lock, and nothing else; problems need a person.
 from __future__ import annotations
 
 import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from .formats.mlx import WEIGHTS_FILE
 from .safetensors_io import sha256_file
 from .schemas import validate
 from .registry import VERSION_RELATIONS
-from .store import open_db, read_tables
+from .store import open_db, read_tables, writer_pid
 
 INDEX_SCHEMAS = {"bases.json": "base_model", "datasets.json": "dataset", "fused.json": "fused_model",
                  "runs.json": "training_run"}
@@ -106,8 +107,8 @@ def verify(registry) -> VerifyReport:
 
 
 def repair(registry) -> RepairReport:
-    """Remove the leftovers verify notes. Called under the registry lock; refuses while verify finds problems
-    in the catalogue, because then "unreferenced" cannot be trusted."""
+    """Remove the leftovers verify notes. Called under the registry lock; refuses while the catalogue is
+    damaged, because then "unreferenced" cannot be trusted. What a live process is still writing is kept."""
     report = VerifyReport()
     found = _scan_versions(registry, report)
     fused = _index_rows(registry, "fused.json", report)
@@ -115,25 +116,38 @@ def repair(registry) -> RepairReport:
     if report.problems:
         raise CorruptRegistryError(f"the catalogue itself is damaged ({report.problems[0]}), so leftovers cannot be told apart",
                                    hint="fix what 'adapterhub verify' lists first, then run 'adapterhub verify --repair'")
+    live, killed = registry.staging_rows()
     for record in found.records.values():
         found.referenced.update(f["sha256"] for f in record["files"])
     found.referenced.update(r["restore"]["sha256"] for r in fused if r.get("restore"))
     removed: dict[str, list[str]] = {}
-    for sha in [s for s in registry.objects.all() if s not in found.referenced]:
+    # A running fuse stores its restore blob before its row: while one runs, no blob is provably an orphan.
+    for sha in [] if live else [s for s in registry.objects.all() if s not in found.referenced]:
         registry.objects.remove(sha)
         removed.setdefault("orphan blobs", []).append(sha)
     for path in _temporary_files(registry):
-        path.unlink(missing_ok=True)
-        removed.setdefault("temporary files", []).append(str(path))
+        if not _written_by_live_process(registry, path):
+            path.unlink(missing_ok=True)
+            removed.setdefault("temporary files", []).append(str(path))
+    for path in registry.objects.strays():
+        path.unlink()
+        removed.setdefault("stray files", []).append(str(path))
     for shard, doc_ids in found.stale_rows.items():
         open_db(shard).remove(doc_ids=doc_ids)
         removed.setdefault("stale index rows", []).extend(f"{shard.name}#{i}" for i in doc_ids)
     journal = open_db(registry.catalog / "staging.json")
-    for row in registry.stale_staging():
+    for row in killed:
         shutil.rmtree(row["path"], ignore_errors=True)
         journal.remove(doc_ids=[row["doc_id"]])
         removed.setdefault("staging folders", []).append(row["path"])
+    if not len(journal):
+        (registry.catalog / "staging.json").unlink(missing_ok=True)
     return RepairReport(removed)
+
+
+def _written_by_live_process(registry, path: Path) -> bool:
+    pid = writer_pid(path)
+    return pid is not None and registry.run_status({"status": "running", "pid": pid, "host": socket.gethostname()}) == "running"
 
 
 def _scan_versions(registry, report: VerifyReport) -> _Catalogue:
@@ -199,7 +213,6 @@ def _scan_indexes(registry, found: _Catalogue, report: VerifyReport) -> None:
     for shard in sorted((registry.catalog / "by-base").glob("*.json")):
         if any(not isinstance(r.get("name"), str) for r in _readable_rows(shard, report)):
             report.problems.append(f"{shard} has a row without a name; restore it or remove it and re-import")
-    _readable_rows(registry.catalog / "staging.json", report)
 
 
 def _readable_rows(path: Path, report: VerifyReport) -> list:
@@ -214,11 +227,17 @@ def _readable_rows(path: Path, report: VerifyReport) -> list:
 def _leftover_notes(registry, found: _Catalogue, report: VerifyReport) -> None:
     stale = sum(len(ids) for ids in found.stale_rows.values())
     orphans = [sha for sha in registry.objects.all() if sha not in found.referenced]
-    leftovers = _temporary_files(registry)
+    leftovers = [p for p in _temporary_files(registry) if not _written_by_live_process(registry, p)]
+    strays = registry.objects.strays()
     try:
-        staging = registry.stale_staging()
-    except CorruptRegistryError:
-        staging = []
+        live, staging = registry.staging_rows()
+    except CorruptRegistryError as e:
+        report.problems.append(e.message)
+        live, staging = [], []
+    if live:
+        report.notes.append(f"{len(live)} fuse/unfuse/export running now (pid {', '.join(str(r['pid']) for r in live)})")
+    if strays:
+        report.notes.append(f"{len(strays)} stray file(s) in objects/ that are not blobs: {', '.join(p.name for p in strays[:3])}")
     if stale:
         report.notes.append(f"{stale} index row(s) left by an interrupted write; they are ignored")
     if orphans:
@@ -229,7 +248,7 @@ def _leftover_notes(registry, found: _Catalogue, report: VerifyReport) -> None:
         if Path(row["path"]).exists():
             size = sum(p.stat().st_size for p in Path(row["path"]).rglob("*") if p.is_file())
             report.notes.append(f"staging folder of a killed {row['purpose']} ({size:,} bytes): {row['path']}")
-    if stale or orphans or leftovers or staging:
+    if stale or orphans or leftovers or staging or strays:
         report.notes.append("'adapterhub verify --repair' removes these")
 
 

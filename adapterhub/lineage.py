@@ -144,7 +144,7 @@ class Walker:
 
     def __init__(self, registry: Registry):
         self.registry = registry
-        self._bases = {b["sha256"]: b for b in registry.bases()}
+        self._bases = registry.bases_by_sha()
         self._datasets = {d["sha256"]: d for d in registry.datasets()}
         self._fused = {f["sha256"]: f for f in registry.fused_models()}
 
@@ -170,7 +170,8 @@ class Walker:
 
     def base(self, ref: dict) -> Node:
         known = self._bases.get(ref["sha256"])
-        return Node(f"base:{ref['sha256']}", "base", (known or ref)["name"], ref["sha256"], known is not None, known or {})
+        sha = known["sha256"] if known else ref["sha256"]  # one node per base, under whichever hash a record used
+        return Node(f"base:{sha}", "base", (known or ref)["name"], sha, known is not None, known or {})
 
     def dataset(self, ref: dict) -> Node:
         known = self._datasets.get(ref["sha256"])

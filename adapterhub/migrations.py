@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .fingerprint import CONFIG_ESSENTIALS, canonical_sha256, config_essentials, model_sha256
+from .errors import AdapterHubError
+from .fingerprint import canonical_sha256, config_essentials, model_sha256
 from .store import open_db, read_json, read_tables, write_json
 
 FORMAT = 2
@@ -29,24 +30,32 @@ def upgrade(registry, marker: dict) -> dict:
     return marker
 
 
-def _format_1_identity(base: dict) -> tuple[str, str]:
-    """(sha256, structure_sha256) as format 1 computed them: weight files only, seven config fields."""
-    recorded = base["config"]
-    old_config = {k: recorded.get(k) for k in _FORMAT_1_ESSENTIALS}
-    quant = recorded.get("quantization")
-    old_config["quantization"] = {"group_size": quant.get("group_size"), "bits": quant.get("bits")} if quant else None
-    return (canonical_sha256([[f["name"], f["sha256"]] for f in base["files"]]),
-            canonical_sha256({"tensors": base["tensors"], "config": old_config}))
+def _format_1_config(config: dict) -> dict:
+    """The config fields format 1 kept: seven, and quantization's group size and bits."""
+    old = {k: config.get(k) for k in _FORMAT_1_ESSENTIALS}
+    quant = config.get("quantization")
+    old["quantization"] = {"group_size": quant.get("group_size"), "bits": quant.get("bits")} if quant else None
+    return old
+
+
+def _format_1_sha256(base: dict) -> str:
+    """A base's sha256 as format 1 computed it: its weight files alone."""
+    return canonical_sha256([[f["name"], f["sha256"]] for f in base["files"]])
 
 
 def _format_2_identity(base: dict) -> tuple[str, str, dict]:
-    """Format 2 hashes config.json's architecture fields into both hashes: read them from the folder
-    when it is still there, else keep what was recorded (the rest unknown, as None)."""
-    folder_config = read_json(Path(base["path"]) / "config.json") if base.get("path") else None
-    if isinstance(folder_config, dict) and config_essentials(folder_config).get("model_type") == base["config"].get("model_type"):
-        essentials = config_essentials(folder_config)
-    else:
-        essentials = {**{k: None for k in CONFIG_ESSENTIALS}, **base["config"]}
+    """Format 2 hashes config.json's architecture fields into both hashes. They come from the base's
+    folder only while its config.json still says what was recorded at registration (an edited or
+    unreadable config is not the base that was registered); otherwise the recorded fields stay as
+    they are, and fields never recorded stay absent (compat then says they were not compared)."""
+    recorded = base["config"]
+    try:
+        folder_config = read_json(Path(base["path"]) / "config.json") if base.get("path") else None
+    except AdapterHubError:
+        folder_config = None
+    essentials = config_essentials(folder_config) if isinstance(folder_config, dict) else None
+    if essentials is None or _format_1_config(essentials) != _format_1_config(recorded):
+        essentials = dict(recorded)
     return (model_sha256(base["files"], essentials), canonical_sha256({"tensors": base["tensors"], "config": essentials}),
             essentials)
 
@@ -61,9 +70,12 @@ def base_identity_covers_config(registry) -> None:
     renamed: dict[str, dict] = {}  # any known hash of a base (format 1 or 2) -> its format-2 identity
     for row in bases_db.all():
         sha, structure, essentials = _format_2_identity(row)
-        old_sha, old_structure = _format_1_identity(row)
+        old_sha = _format_1_sha256(row)
         renamed[old_sha] = renamed[sha] = {"sha256": sha, "structure_sha256": structure, "config": essentials}
-        bases_db.update({"sha256": sha, "structure_sha256": structure, "config": essentials}, doc_ids=[row.doc_id])
+        # Folders written before (a fused model's adapterhub.json, checkpoints) keep naming the old hash.
+        previous = sorted({*row.get("previous_sha256", []), old_sha} - {sha})
+        bases_db.update({"sha256": sha, "structure_sha256": structure, "config": essentials,
+                         **({"previous_sha256": previous} if previous else {})}, doc_ids=[row.doc_id])
 
     def moved(ref: dict | None) -> dict | None:
         if not ref or ref.get("sha256") not in renamed:

@@ -177,8 +177,10 @@ def is_sha256(text: object) -> bool:
 
 
 def parse_ref(text: str) -> Ref:
-    """Parse a ref string; a bare 12+ hex string may be a name or a sha prefix (names win)."""
-    text = text.strip()
+    """Parse a ref string; a bare 12+ hex string may be a name or a sha prefix (names win).
+
+    Taken exactly as given: `name@1 ` or `name@1\n` is no ref, not `name@1` (rm must never guess).
+    """
     if "@" in text:
         name, _, selector = text.partition("@")
         if not name or not selector:

@@ -37,8 +37,8 @@ from .formats import mlx as mlx_format
 from .migrations import FORMAT, upgrade
 from .safetensors_io import read_header
 from .schemas import validate
-from .store import (TMP_SUFFIX, ObjectStore, RegistryLock, check_output, open_db, read_json, read_tables, staged_folder,
-                    write_json)
+from .store import (ObjectStore, RegistryLock, check_output, enclosing_registry, open_db, read_json, read_tables,
+                    rewrite_tables, staged_folder, staging_path, write_json)
 
 RECORD_FILE = "adapterhub.json"  # a record written beside weights (fused models, exports) so they carry their lineage
 # Relations whose parent is a version of this registry (others name models or remote repos).
@@ -189,7 +189,9 @@ class Registry:
         """Versions, aliases and removed versions (number -> {sha256, removed_at}) of one name."""
         if not _CATALOGUE_NAME.fullmatch(name):
             return [], {}, {}  # never a path outside the catalogue, whatever a ref says
-        tables = read_tables(self.catalog / "adapters" / f"{name}.json")
+        path = self.catalog / "adapters" / f"{name}.json"
+        tables = read_tables(path)
+        _check_shapes(path, tables)
         versions = sorted(tables.get("versions", {}).values(), key=lambda r: r["version"])
         removed = {d["version"]: d for d in tables.get("removed", {}).values()}
         return versions, {d["alias"]: d["version"] for d in tables.get("aliases", {}).values()}, removed
@@ -207,7 +209,6 @@ class Registry:
         return sorted(e.name[:-5] for e in os.scandir(folder) if e.name.endswith(".json") and not e.name.startswith("."))
 
     def _version_obj(self, record: dict, aliases: dict[str, int] | None = None) -> AdapterVersion:
-        _check_weights_claim(record)
         aliases = self._aliases(record["name"]) if aliases is None else aliases
         return AdapterVersion(record, tuple(sorted(a for a, v in aliases.items() if v == record["version"])))
 
@@ -216,8 +217,15 @@ class Registry:
     def bases(self) -> list[dict]:
         return sorted(self._rows("bases.json", "base_model"), key=lambda b: b["name"])
 
+    def bases_by_sha(self) -> dict[str, dict]:
+        """Registered bases by sha256, also under the hashes older formats gave them (records written then use those)."""
+        bases = self.bases()
+        found = {sha: b for b in bases for sha in b.get("previous_sha256", [])}
+        return found | {b["sha256"]: b for b in bases}
+
     def _rows(self, filename: str, schema: str) -> list[dict]:
         """Every row of a catalogue file, each checked against its schema: a hand-edited row is named, not tripped over."""
+        self._require()
         rows = [dict(d) for d in open_db(self.catalog / filename).all()]
         for row in rows:
             validate(row, schema, what=f"{self.catalog / filename} row {row.get('name', row.get('id'))!r}")
@@ -536,10 +544,10 @@ class Registry:
                 db.insert_multiple({"name": n} for n in sorted(names - known))
             for name, versions in by_name.items():
                 table = self._adapter_db(name).table("versions")
-                taken = {d.doc_id for d in table.all()}
+                taken = {d.doc_id for d in table.all()} | {d.doc_id for d in self._adapter_db(name).table("removed").all()}
                 clash = [r["version"] for r in versions if r["version"] in taken]
                 if clash:
-                    raise ConflictError(f"{name} already has version(s) {clash}", hint="versions are immutable")
+                    raise ConflictError(f"{name} already has or had version(s) {clash}", hint="version numbers are never reused")
                 table.insert_multiple(Document(r, doc_id=r["version"]) for r in versions)
         return len(records)
 
@@ -552,9 +560,18 @@ class Registry:
             if not db.contains(Query().name == record["name"]):
                 db.insert({"name": record["name"]})
 
+    def weights(self, version: AdapterVersion) -> Path:
+        """The path of a version's weights, for reading them: its record's claim and the blob's bytes checked first.
+
+        Listing, showing and removing a version never read its weights, so a damaged record
+        stays visible and removable; everything that uses the tensors comes through here.
+        """
+        _check_weights_claim(version.record)
+        return self.objects.verified(version.sha256, f"weights of {version.ref}")
+
     def modules(self, version: AdapterVersion) -> dict[str, tuple[int, int]]:
         """Module path -> (in, out) of a stored adapter, from its weight header alone."""
-        header = read_header(self.objects.verified(version.sha256, f"weights of {version.ref}"))
+        header = read_header(self.weights(version))
         config = self.objects.verified(version.file_sha(mlx_format.CONFIG_FILE), f"config of {version.ref}")
         return mlx_format.derive(config, header.path, read_json(config), header, check_values=False).modules
 
@@ -612,12 +629,17 @@ class Registry:
             by_base = self._by_base_db(base_sha) if base_sha else None
             if by_base is not None:
                 by_base.all()
-            db = self._adapter_db(version.name)
-            # The record goes first: a crash after it leaves stale index rows and orphan blobs, both harmless.
-            db.table("removed").insert(Document({"version": version.version, "sha256": version.sha256, "removed_at": now()},
-                                                doc_id=version.version))
-            db.table("versions").remove(doc_ids=[version.version])
-            db.table("aliases").remove(Query().version == version.version)
+            number = str(version.version)
+
+            def drop(tables: dict) -> None:
+                tables.setdefault("removed", {})[number] = {"version": version.version, "sha256": version.sha256,
+                                                           "removed_at": now()}
+                tables["versions"].pop(number)
+                tables["aliases"] = {i: a for i, a in tables.get("aliases", {}).items() if a["version"] != version.version}
+
+            # The record goes first, in one write with its tombstone and aliases: a crash after it leaves
+            # stale index rows and orphan blobs, both harmless, and never a version both present and removed.
+            rewrite_tables(self.catalog / "adapters" / f"{version.name}.json", drop)
             for sha, sha_db in sha_dbs.items():
                 sha_db.remove((Query().sha256 == sha) & (Query().name == version.name) & (Query().version == version.version))
                 if not sha_db.contains(Query().sha256 == sha):
@@ -671,6 +693,7 @@ class Registry:
         return "running"
 
     def runs(self, status: str | None = None) -> list[dict]:
+        self._require()
         found = []
         for record in open_db(self.catalog / "runs.json").all():
             record = {**record, "status": self.run_status(record)}
@@ -689,6 +712,7 @@ class Registry:
         return record
 
     def fused_models(self) -> list[dict]:
+        self._require()
         return [dict(d) for d in open_db(self.catalog / "fused.json").all()]
 
     def fused(self, sha256: str) -> dict | None:
@@ -707,15 +731,15 @@ class Registry:
         """
         import socket
 
-        out = Path(out).expanduser()
-        check_output(out, (*inputs, self.root), force)
-        row = {"path": str(out.resolve().parent / f".{out.name}.{purpose}-{os.getpid()}{TMP_SUFFIX}"),
-               "out": str(out.resolve()), "purpose": purpose, "pid": os.getpid(), "host": socket.gethostname(),
-               "started_at": now()}
+        out = Path(out).expanduser().absolute()
+        protected = (*inputs, *self.protected_paths())
+        check_output(out, protected, force)
+        row = {"path": str(staging_path(out, purpose, os.getpid())), "out": str(out), "purpose": purpose,
+               "pid": os.getpid(), "host": socket.gethostname(), "started_at": now()}
         with self._transaction():
             open_db(self.catalog / "staging.json").insert(row)
         try:
-            with staged_folder(out, purpose, (*inputs, self.root), force) as staging:
+            with staged_folder(out, purpose, protected, force) as staging:
                 yield staging
         finally:
             with self._transaction():
@@ -725,10 +749,34 @@ class Registry:
                     # An empty journal is no journal: a refused command leaves the registry byte-identical.
                     (self.catalog / "staging.json").unlink(missing_ok=True)
 
-    def stale_staging(self) -> list[dict]:
-        """Journalled staging folders whose process is gone: what a killed fuse or export left behind."""
-        return [{**r, "doc_id": r.doc_id} for r in open_db(self.catalog / "staging.json").all()
-                if self.run_status({"status": "running", "pid": r["pid"], "host": r["host"]}) == "interrupted"]
+    def staging_rows(self) -> tuple[list[dict], list[dict]]:
+        """The staging journal as (rows of live processes, rows of killed ones), each row checked first.
+
+        A row is text anyone can edit and repair deletes the folder it names: a row is only
+        believed when its path is exactly the staging folder of its `out`, outside the registry.
+
+        Raises:
+            CorruptRegistryError: a row that is not such a journal row, before anything is removed.
+        """
+        journal = self.catalog / "staging.json"
+        live, killed = [], []
+        for r in open_db(journal).all():
+            try:
+                validate(dict(r), "staging", what=f"{journal} row {r.doc_id}")
+            except AdapterHubError as e:
+                raise CorruptRegistryError(e.message, hint="remove that row from the journal by hand") from None
+            out = Path(r["out"])
+            if Path(r["path"]) != staging_path(out, r["purpose"], r["pid"]) or enclosing_registry(out) is not None:
+                raise CorruptRegistryError(f"{journal} row {r.doc_id} names {r['path']}, which is not the staging folder "
+                                           f"of an output outside the registry", hint="remove that row from the journal by hand")
+            status = self.run_status({"status": "running", "pid": r["pid"], "host": r["host"]})
+            (killed if status == "interrupted" else live).append({**r, "doc_id": r.doc_id})
+        return live, killed
+
+    def protected_paths(self) -> list[Path]:
+        """What no output may overwrite, even with --force: the registry and every folder it records models in."""
+        folders = [b["path"] for b in self.bases() if b.get("path")] + [f["path"] for f in self.fused_models() if f.get("path")]
+        return [self.root, *map(Path, folders)]
 
     # ---- integrity ----------------------------------------------------------
 
@@ -736,14 +784,33 @@ class Registry:
         """Every record against its schema and the catalogue's invariants, every blob re-hashed."""
         from .integrity import verify
 
+        if not self.initialized:
+            self._marker()  # no registry here: say so, rather than report it as damage
         return verify(self)
 
     def repair(self):
         """Remove what interrupted writes left (orphan blobs, temporary files, stale staging folders, stale index rows)."""
         from .integrity import repair
 
+        self._require()  # never create a registry just to repair it
         with self._transaction():
             return repair(self)
+
+
+# What readers index records by; the full schema is checked on write and by verify, too slow for every list.
+_ROW_KEYS = {"versions": {"name": str, "version": int, "sha256": str},
+             "aliases": {"alias": str, "version": int},
+             "removed": {"version": int, "sha256": str, "removed_at": str}}
+
+
+def _check_shapes(path: Path, tables: dict) -> None:
+    for table, docs in tables.items():
+        keys = _ROW_KEYS.get(table, {})
+        for doc in docs.values():
+            bad = [k for k, kind in keys.items() if not isinstance(doc.get(k), kind) or isinstance(doc.get(k), bool)]
+            if bad:
+                raise CorruptRegistryError(f"{path} is damaged: a row of table '{table}' has no valid {', '.join(bad)}",
+                                           hint="restore it from a backup, or run 'adapterhub verify' to see the damage")
 
 
 def _check_weights_claim(record: dict) -> None:

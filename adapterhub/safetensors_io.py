@@ -14,6 +14,7 @@ from math import prod
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from . import jsonio
 from .errors import InvalidAdapterError, UnsafeFormatError
 
 # Every dtype the safetensors library accepts, in bits per element (its Rust `Dtype::bitsize`).
@@ -129,10 +130,6 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return doc
 
 
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _show(value: object, limit: int = 60) -> str:
     text = json.dumps(value)
     return text if len(text) <= limit else text[:limit] + "…"
@@ -165,16 +162,14 @@ def parse_header(raw: bytes, path: Path, data_size: int | None = None) -> Header
     if not text.startswith(b"{"):
         raise _bad_file(path, "its header does not start with '{'")
     try:
-        doc = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+        doc = jsonio.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except UnicodeError:
         raise _bad_file(path, "its header is not UTF-8 text") from None
     except _Duplicate as e:
         raise _bad_file(path, f"its header names {quote_name(str(e))} twice") from None
-    except RecursionError:
-        # Only a hostile header nests this deep: a real one is three levels (tensor, info, shape).
-        raise _bad_file(path, "its header is nested too deeply to be a safetensors header") from None
-    except ValueError as e:  # json.JSONDecodeError included
-        raise _bad_file(path, f"header is not JSON ({e})") from None
+    except jsonio.JSONError as e:
+        # A real header is three levels deep (tensor, info, shape): "nesting too deep" is an attack.
+        raise _bad_file(path, f"its header is not JSON a safetensors reader accepts ({e})") from None
     if not isinstance(doc, dict):
         raise _bad_file(path, "header is not a JSON object")
     metadata = doc.pop("__metadata__", None)

@@ -13,20 +13,19 @@ import os
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tinydb import TinyDB
 from tinydb.storages import Storage
 
-from .errors import CorruptRegistryError, AdapterHubError
+from . import jsonio
+from .errors import AdapterHubError, CorruptRegistryError, InvalidAdapterError
 from .naming import is_sha256
 from .safetensors_io import Progress, copy_hashed, sha256_file
 
 TMP_SUFFIX = ".tmp"
 ENV_LOCK_TIMEOUT = "ADAPTERHUB_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT_S = 300.0
-# Deeper than any record, config or header we write or read; deep enough input is an attack, not data.
-MAX_JSON_DEPTH = 64
 REGISTRY_MARKER = "registry.json"
 
 
@@ -104,9 +103,11 @@ def check_output(out: Path, inputs: tuple[Path, ...] = (), force: bool = False, 
     for given in inputs:
         source = Path(given).expanduser().resolve()
         if target == source or source in target.parents:
-            raise ConflictError(f"{out} is inside {given}, which this command reads", hint="give a path outside it")
+            raise ConflictError(f"{out} is inside {given}, which this command reads or the registry records",
+                                hint="give a path outside it")
         if target in source.parents:
-            raise ConflictError(f"{out} contains {given}, which this command reads", hint="give a path outside it")
+            raise ConflictError(f"{out} contains {given}, which this command reads or the registry records",
+                                hint="give a path outside it")
     if target.exists():
         if target.is_dir() != folder:
             raise ConflictError(f"{out} exists and is a {'folder' if target.is_dir() else 'file'}",
@@ -126,6 +127,18 @@ def require_new_folder(out: Path, inputs: tuple[Path, ...] = (), force: bool = F
     check_output(out, inputs, force, folder=True)
 
 
+def staging_path(out: Path, purpose: str, pid: int) -> Path:
+    """Where the process `pid` stages `out` for `purpose`: the one name a staging folder can have."""
+    out = Path(out).expanduser().absolute()
+    return out.parent / f".{out.name}.{purpose}-{pid}{TMP_SUFFIX}"
+
+
+def writer_pid(temporary: Path) -> int | None:
+    """The pid in a temporary file's name (temp_path_for's `.name.PID.uuid.tmp`), None when it has none."""
+    parts = Path(temporary).name.split(".")
+    return int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
+
+
 @contextmanager
 def staged_folder(out: Path, purpose: str, inputs: tuple[Path, ...] = (), force: bool = False) -> Iterator[Path]:
     """A hidden sibling folder to fill, renamed to `out` when the block succeeds and removed when it fails,
@@ -134,7 +147,7 @@ def staged_folder(out: Path, purpose: str, inputs: tuple[Path, ...] = (), force:
 
     out = Path(out)
     check_output(out, inputs, force, folder=True)
-    staging = out.parent / f".{out.name}.{purpose}-{os.getpid()}{TMP_SUFFIX}"
+    staging = staging_path(out, purpose, os.getpid())
     staging.mkdir(parents=True)
     try:
         yield staging
@@ -175,45 +188,21 @@ def write_json(path: Path, doc: object) -> None:
         f.write(text)
 
 
-def _refuse_constant(name: str) -> float:
-    # Python's json reads NaN and Infinity, which no JSON standard allows and no config can mean.
-    raise ValueError(f"non-standard number {name}")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"number {text[:20]} overflows to infinity")
-    return value
-
-
 def parse_json(text: str | bytes, where: object) -> object:
-    """Strict JSON: no NaN/Infinity, nesting at most MAX_JSON_DEPTH deep.
+    """Strict JSON (jsonio): no NaN/Infinity, no overflow, bounded nesting.
 
     Raises:
-        CorruptRegistryError: "`where` is damaged: …", for any file that is not such JSON.
+        CorruptRegistryError: "`where` is damaged: …", when `where` lies in a registry.
+        InvalidAdapterError: the same, for a user's file (a config, an index, a folder's record).
     """
     try:
-        doc = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
-        _check_depth(doc, where)
-        return doc
-    except json.JSONDecodeError as e:
-        problem = f"{e.msg} at line {e.lineno}"
-    except (ValueError, RecursionError) as e:
-        problem = "nesting too deep" if isinstance(e, RecursionError) else str(e)
+        return jsonio.loads(text)
+    except jsonio.JSONError as e:
+        problem = str(e)
+    if isinstance(where, Path) and enclosing_registry(where.absolute()) is None:
+        raise InvalidAdapterError(f"{where} is damaged: {problem}", hint="fix the file, or write it again with the tool that made it")
     raise CorruptRegistryError(f"{where} is damaged: {problem}",
                                hint="restore it from a backup or remove it; then run 'adapterhub verify'")
-
-
-def _check_depth(doc: object, where: object) -> None:
-    # Iterative, so the check itself cannot overflow the stack it protects.
-    stack = [(doc, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
 def read_json(path: Path, default: object = None) -> object:
@@ -224,12 +213,7 @@ def read_json(path: Path, default: object = None) -> object:
         return default
     except IsADirectoryError:
         raise CorruptRegistryError(f"{path} is a folder, not a JSON file", hint="remove it or give the file") from None
-    try:
-        text = text.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CorruptRegistryError(f"{path} is damaged: not UTF-8 text",
-                                   hint="restore it from a backup or remove it; then run 'adapterhub verify'") from None
-    return parse_json(text, path)
+    return parse_json(text, Path(path))
 
 
 class AtomicJSONStorage(Storage):
@@ -243,7 +227,10 @@ class AtomicJSONStorage(Storage):
         self.path = Path(path)
 
     def read(self):
-        return read_json(self.path)
+        data = read_json(self.path)
+        if data is not None:
+            _check_tables(data, self.path)
+        return data
 
     def write(self, data) -> None:
         # json.dumps, not json.dump: only the one-shot path uses the C encoder.
@@ -255,8 +242,27 @@ class AtomicJSONStorage(Storage):
         pass
 
 
+def _check_tables(data: object, path: Path) -> None:
+    """TinyDB's layout, {table: {doc id: document}}: valid JSON of another shape must not reach TinyDB's internals."""
+    ok = isinstance(data, dict) and all(
+        isinstance(docs, dict) and all(isinstance(i, str) and i.isdigit() and isinstance(d, dict) for i, d in docs.items())
+        for docs in data.values())
+    if not ok:
+        raise CorruptRegistryError(f"{path} is damaged: not a catalogue file of tables of numbered documents",
+                                   hint="restore it from a backup or remove it; then run 'adapterhub verify'")
+
+
 def open_db(path: Path) -> TinyDB:
     return TinyDB(path, storage=AtomicJSONStorage)
+
+
+def rewrite_tables(path: Path, change: Callable[[dict], None]) -> None:
+    """Change several tables of one catalogue file in a single atomic write: `change` edits the raw
+    {table: {doc id: document}} data in place. A kill leaves the file wholly before or wholly after."""
+    storage = AtomicJSONStorage(path)
+    data = storage.read() or {}
+    change(data)
+    storage.write(data)
 
 
 def read_tables(path: Path) -> dict[str, dict[int, dict]]:
@@ -356,8 +362,13 @@ class ObjectStore:
     def all(self) -> Iterator[str]:
         for shard in sorted(self.root.glob("[0-9a-f][0-9a-f]")):
             for blob in sorted(shard.iterdir()):
-                if not blob.name.endswith(TMP_SUFFIX):
+                if is_sha256(blob.name) and blob.name.startswith(shard.name):
                     yield blob.name
+
+    def strays(self) -> list[Path]:
+        """Files in the blob shards that are neither blobs nor temporary files: put there by hand."""
+        return sorted(p for shard in self.root.glob("[0-9a-f][0-9a-f]") for p in shard.iterdir()
+                      if not (is_sha256(p.name) and p.name.startswith(shard.name)) and not p.name.endswith(TMP_SUFFIX))
 
     def leftovers(self) -> list[Path]:
         """Temporary files a killed writer left behind."""

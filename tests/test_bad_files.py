@@ -85,11 +85,11 @@ ADAPTER_CASES = [
     ("metadata not an object", _edit_header(_set_metadata(["format", "mlx"])), "__metadata__ is not a map of strings to strings"),
     ("metadata value not a string", _edit_header(_set_metadata({"format": 1})), "__metadata__ is not a map of strings to strings"),
     ("tensor named twice", _edit_header(_name_twice), "header names 'model.layers."),
-    ("header nested 100,000 deep", _edit_header(_deeply_nested), "nested too deeply"),
+    ("header nested 100,000 deep", _edit_header(_deeply_nested), "is not JSON a safetensors reader accepts (nesting too deep)"),
     ("float64 weights", _as_float64, "is F64, which mlx cannot load"),
     ("integer weights", _as_int32, "is I32; adapter weights must be floating point"),
     ("scale is infinite", _config_text('"scale": 20.0', '"scale": 1e999'), "is damaged: number 1e999 overflows to infinity"),
-    ("scale is NaN", _config_text('"scale": 20.0', '"scale": NaN'), "adapter_config.json"),
+    ("scale is NaN", _config_text('"scale": 20.0', '"scale": NaN'), "adapter_config.json is damaged: non-standard number NaN"),
     ("dropout is 1", _config_text('"dropout": 0.0', '"dropout": 1.0'), "1.0 is greater than or equal to the maximum of 1 at lora_parameters/dropout"),
 ]
 

@@ -190,3 +190,28 @@ def test_required_tag_with_an_empty_value(cli, populated, lora_adapter):
     populated.set_policy(Policy(required_tags=("task",)))
     before = snapshot(populated.root)
     assert_refused(cli("import", lora_adapter, "--name", "another", "--tag", "task="), "requires tag(s) task", before, populated)
+
+
+@pytest.mark.parametrize("ref,message", [("existing@1 ", "has no alias '1 '"), ("existing@1\n", "has no alias '1\\n'"),
+                                         (" existing", "no adapter ' existing'")])
+def test_refs_are_taken_exactly_as_given(cli, populated, ref, message):
+    before = snapshot(populated.root)
+    assert_refused(cli("rm", ref), message, before, populated)
+
+
+def test_a_blank_registry_variable_is_refused(cli, populated, monkeypatch, tmp_path):
+    from adapterhub.cli import main
+    import sys
+
+    monkeypatch.setenv("ADAPTERHUB_REGISTRY", " ")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["adapterhub", "list"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 1
+
+
+@pytest.mark.parametrize("command", [["base", "list"], ["runs"], ["verify"], ["verify", "--repair"], ["list"]])
+def test_reading_a_missing_registry_is_an_error_and_creates_nothing(cli, tmp_path, command):
+    code, _, err = cli(*command, registry=tmp_path / "typo")
+    assert code == 1 and err.startswith("error: no registry at") and not (tmp_path / "typo").exists()

@@ -179,3 +179,50 @@ def test_deeply_nested_catalogue_file_is_one_line(cli, registry, two_versions):
     path.write_text("[" * 100000 + "]" * 100000)
     before = snapshot(registry.root)
     assert_refused(cli("show", "stories"), "is damaged: nesting too deep", before, registry)
+
+
+def _journal(registry, **row):
+    from adapterhub.store import open_db
+
+    open_db(registry.catalog / "staging.json").insert(row)
+
+
+def test_repair_never_deletes_a_folder_a_forged_journal_row_names(cli, registry, two_versions, tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("mine")
+    _journal(registry, path=str(victim), out=str(tmp_path / "fused"), purpose="fuse", pid=999999,
+             host=os.uname().nodename, started_at="2026-01-01T00:00:00Z")
+    code, out, _ = cli("verify")
+    assert code == 1 and "is not the staging folder of an output outside the registry" in out
+    before = snapshot(registry.root)
+    assert_refused(cli("verify", "--repair"), "which is not the staging folder", before, registry)
+    assert (victim / "precious.txt").read_text() == "mine"
+
+
+def test_a_journal_row_of_the_wrong_shape_is_a_problem_not_a_crash(cli, registry, two_versions, tmp_path):
+    _journal(registry, path=str(tmp_path / ".x.fuse-1.tmp"), out=str(tmp_path / "x"), purpose="fuse")
+    code, out, err = cli("verify")
+    assert code == 1 and "does not match schema 'staging'" in out and "unexpected" not in err
+
+
+def test_repair_keeps_what_a_live_process_is_writing_and_removes_stray_files(cli, registry, two_versions, tmp_path):
+    live = registry.objects.root / "tmp" / f".blob.{os.getpid()}.abcd1234.tmp"
+    live.parent.mkdir(exist_ok=True)
+    live.write_bytes(b"being written")
+    # A staging folder of this (live) process: its fuse may have stored a restore blob not yet in the catalogue.
+    out = tmp_path / "fused"
+    from adapterhub.store import staging_path
+    staging_path(out, "fuse", os.getpid()).mkdir()
+    _journal(registry, path=str(staging_path(out, "fuse", os.getpid())), out=str(out), purpose="fuse", pid=os.getpid(),
+             host=os.uname().nodename, started_at="2026-01-01T00:00:00Z")
+    stray_src = tmp_path / "restore.bin"
+    stray_src.write_bytes(b"a restore blob of the running fuse")
+    pending, _ = registry.objects.put_file(stray_src)
+    (registry.objects.root / pending[:2] / "README").write_text("put here by hand")
+    code, out_text, _ = cli("verify")
+    assert code == 0 and "1 fuse/unfuse/export running now" in out_text and "1 stray file(s)" in out_text
+    code, out_text, _ = cli("--json", "verify", "--repair")
+    removed = json.loads(out_text)["repaired"]["removed"]
+    assert code == 0 and removed == {"stray files": [str(registry.objects.root / pending[:2] / "README")]}
+    assert live.exists() and registry.objects.has(pending) and staging_path(out, "fuse", os.getpid()).exists()

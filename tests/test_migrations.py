@@ -64,3 +64,61 @@ def test_a_newer_format_is_refused(cli, registry):
     (registry.root / "registry.json").write_text(json.dumps({**marker, "format": 99}))
     code, _, err = cli("list")
     assert code == 1 and "is in format 99, newer than this adapterhub" in err and "upgrade adapterhub" in err
+
+
+def test_an_upgrade_killed_half_way_runs_again_to_the_same_result(registry, lora_adapter, tiny_model):
+    from adapterhub.migrations import base_identity_covers_config
+
+    registry.import_adapter(lora_adapter, "stories", base=tiny_model)
+    _as_format_1(registry.root)
+    base_identity_covers_config(Registry(registry.root))  # the step ran, the marker was never bumped: a kill
+    reopened = Registry(registry.root)
+    assert reopened.resolve("stories").record["base"]["sha256"] == fingerprint_model(tiny_model)["sha256"]
+    assert [v.ref for v in reopened.list(base="tiny-llama")] == ["stories@1"] and reopened.verify().ok
+
+
+def test_an_upgrade_keeps_what_was_recorded_when_the_folder_is_gone_or_edited(cli, registry, lora_adapter, tiny_model, tmp_path):
+    import shutil
+
+    registry.import_adapter(lora_adapter, "stories", base=tiny_model)
+    _as_format_1(registry.root)
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_model, moved)
+    base_row = json.loads((registry.catalog / "bases.json").read_text())["_default"]["1"]
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_model, edited)
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, "hidden_size": 128}))
+    rows = json.loads((registry.catalog / "bases.json").read_text())
+    rows["_default"]["1"]["path"] = str(edited)  # the registered folder's config.json changed since
+    (registry.catalog / "bases.json").write_text(json.dumps(rows))
+    reopened = Registry(registry.root)
+    (base,) = reopened.bases()
+    assert base["config"]["hidden_size"] == 64 and base["config"] == base_row["config"]  # what was registered, not the edit
+    assert base["previous_sha256"] == [base_row["sha256"]]
+    # The same model found elsewhere is still exactly the adapter's base; fields never recorded are named, not failed.
+    code, out, _ = cli("--json", "check", "stories", "--base", moved)
+    report = json.loads(out)
+    assert code == 0 and report["verdict"] == "exact" and "were not compared" in " ".join(report["notes"])
+    code, out, _ = cli("--json", "check", "stories", "--base", edited)
+    assert code == 1 and json.loads(out)["verdict"] == "different-config"
+
+
+def test_a_fused_folder_written_before_the_upgrade_still_audits(cli, registry, lora_adapter, tiny_model, tmp_path):
+    registry.import_adapter(lora_adapter, "stories", base=tiny_model)
+    fused = tmp_path / "fused"
+    assert cli("fuse", "stories", "--base", tiny_model, "--out", fused)[0] == 0
+    renamed = _as_format_1(registry.root)
+    (old_sha, old_structure), = renamed.values()
+    # The fused model's row and its folder's adapterhub.json both named the base by its format-1 hashes.
+    for path in (registry.catalog / "fused.json",):
+        doc = json.loads(path.read_text())
+        for row in doc["_default"].values():
+            row["base"].update(sha256=old_sha, structure_sha256=old_structure)
+        path.write_text(json.dumps(doc))
+    record = json.loads((fused / "adapterhub.json").read_text())
+    record["base"].update(sha256=old_sha, structure_sha256=old_structure)
+    (fused / "adapterhub.json").write_text(json.dumps(record))
+    code, out, err = cli("audit", fused)
+    assert code == 0, out + err
+    assert Registry(registry.root).verify().ok

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import assert_refused, snapshot
 
 INSIDE_REGISTRY = "is inside the registry"
-READS = "which this command reads"
+READS = "which this command reads or the registry records"
 
 
 @pytest.fixture
