@@ -7,7 +7,6 @@ the commands that need them, so `--help`, `list` and `show` start fast.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from contextlib import contextmanager, nullcontext
@@ -16,7 +15,7 @@ from pathlib import Path
 import click
 
 from .errors import AdapterHubError, printable
-from .registry import AdapterVersion, Registry
+from .registry import AdapterVersion, Registry, unapplied
 from .store import dump_json
 
 ENV_REGISTRY = "ADAPTERHUB_REGISTRY"
@@ -277,7 +276,7 @@ def import_(ctx: Context, folder: Path, name: str, base_: str | None, dataset: P
     """Register an mlx-lm adapter folder as a new version."""
     version, created = ctx.registry.import_adapter(folder, name, base_, dataset, parent, relation,
                                                    _parse_tags(tags), description, checkpoint)
-    ignored = _not_applied(version, created, _parse_tags(tags), description)
+    ignored = unapplied(version, created, _parse_tags(tags), description)
     ctx.emit(version.to_dict() | {"created": created, "not_applied": ignored},
              f"{'imported' if created else 'already registered:'} {version.ref}  {version.sha256[:12]}  "
              f"({version.record['kind']}, rank {version.record['rank']}, {version.record['num_layers']} layers)")
@@ -288,17 +287,6 @@ def import_(ctx: Context, folder: Path, name: str, base_: str | None, dataset: P
                    err=True)
 
 
-def _not_applied(version: AdapterVersion, created: bool, tags: dict, description: str | None) -> dict:
-    """What an import of weights already registered asked for and did not get (versions are immutable)."""
-    if created:
-        return {}
-    ignored = {}
-    changed_tags = {k: v for k, v in tags.items() if version.record["tags"].get(k) != v}
-    if changed_tags:
-        ignored["tags"] = changed_tags
-    if description and description != version.record.get("description"):
-        ignored["description"] = description
-    return ignored
 
 
 @cli.command("list")
@@ -447,12 +435,9 @@ def _floats(text: str | None) -> list[float] | None:
     if not text:
         return None
     try:
-        weights = [float(w) for w in text.split(",")]
-    except ValueError:
-        weights = [float("nan")]
-    if not all(math.isfinite(w) for w in weights):
-        raise click.BadParameter(f"'{text}' is not a comma-separated list of finite numbers", param_hint="--weights")
-    return weights
+        return [FiniteFloat().convert(w.strip(), None, None) for w in text.split(",")]
+    except click.BadParameter as e:
+        raise click.BadParameter(e.message, param_hint="--weights") from None
 
 
 @cli.command()

@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AdapterHubError, CorruptRegistryError, SchemaError
-from .formats.mlx import WEIGHTS_FILE
 from .safetensors_io import sha256_file
 from .schemas import validate
-from .registry import VERSION_RELATIONS
+from .registry import VERSION_RELATIONS, weights_claim_problem
 from .store import open_db, read_tables, writer_pid
 
 INDEX_SCHEMAS = {"bases.json": "base_model", "datasets.json": "dataset", "fused.json": "fused_model",
@@ -180,10 +179,9 @@ def _scan_versions(registry, report: VerifyReport) -> _Catalogue:
                 continue
             if record["version"] in removed:
                 report.problems.append(f"{ref} is recorded both as present and as removed")
-            weights = next((f["sha256"] for f in record["files"] if f["name"] == WEIGHTS_FILE), None)
-            if weights != record["sha256"]:
-                report.problems.append(f"{ref}: its sha256 {record['sha256'][:12]} is not the sha256 of its weights "
-                                       f"in files[] ({str(weights)[:12]}); restore {path} from a backup or remove {ref}")
+            claim = weights_claim_problem(record)
+            if claim:
+                report.problems.append(f"{claim}; restore {path} from a backup or remove {ref}")
             numbers[record["version"]] = doc_id
             found.records[ref] = record
         present = set(numbers)

@@ -813,14 +813,34 @@ def _check_shapes(path: Path, tables: dict) -> None:
                                            hint="restore it from a backup, or run 'adapterhub verify' to see the damage")
 
 
-def _check_weights_claim(record: dict) -> None:
+def weights_claim_problem(record: dict) -> str | None:
     """A record's `sha256` names its weights; it must be the sha256 its files[] lists for them."""
     listed = next((f["sha256"] for f in record.get("files", ()) if f.get("name") == mlx_format.WEIGHTS_FILE), None)
-    if listed != record.get("sha256"):
-        ref = f"{record.get('name')}@{record.get('version')}"
-        raise CorruptRegistryError(
-            f"record {ref} claims weights {str(record.get('sha256'))[:12]} but its files[] list {str(listed)[:12]}",
-            hint="run 'adapterhub verify'; restore the catalogue file from a backup or remove the version")
+    if listed == record.get("sha256"):
+        return None
+    ref = f"{record.get('name')}@{record.get('version')}"
+    return f"record {ref} claims weights {str(record.get('sha256'))[:12]} but its files[] list {str(listed)[:12]}"
+
+
+def _check_weights_claim(record: dict) -> None:
+    problem = weights_claim_problem(record)
+    if problem:
+        raise CorruptRegistryError(problem, hint="run 'adapterhub verify'; restore the catalogue file from a backup "
+                                                 "or remove the version")
+
+
+def unapplied(version: AdapterVersion, created: bool, tags: dict, description: str | None) -> dict:
+    """What an import of weights already registered asked for and did not get: versions are immutable,
+    so its tags and description are the first import's."""
+    if created:
+        return {}
+    ignored = {}
+    changed_tags = {k: v for k, v in tags.items() if version.record["tags"].get(k) != v}
+    if changed_tags:
+        ignored["tags"] = changed_tags
+    if description and description != version.record.get("description"):
+        ignored["description"] = description
+    return ignored
 
 
 def _is_zombie(pid: int) -> bool:
