@@ -66,27 +66,34 @@ def config_changes(recorded: dict, current: dict) -> list[str]:
             for k in sorted(recorded.keys() & current.keys()) if k != "quantization" and recorded[k] != current[k]]
 
 
-def _logical_shape(module: str, tensors: dict[str, list], bits: int | None) -> tuple[int, int] | None:
-    """(in, out) of a base module as an adapter sees it, unpacking quantized weights."""
+def _logical_shape(module: str, tensors: dict[str, list], bits: int | None) -> tuple[int, ...] | None:
+    """(in, out) of a base module as an adapter sees it, or (in, out, experts) for an expert layer; unpacks quantized weights."""
     info = tensors.get(module + ".weight")
-    if info is None or len(info[1]) != 2:
+    if info is None or len(info[1]) not in (2, 3):
         return None
-    rows, cols = info[1]
+    *experts, rows, cols = info[1]
     if module + ".scales" in tensors and bits:
         cols = cols * 32 // bits
+    if experts:
+        return cols, rows, experts[0]  # SwitchLinear: (experts, out, in)
     if "embed" in module.rsplit(".", 1)[-1]:
         return rows, cols  # embeddings: lora_a (num_embeddings, r), lora_b (r, dims)
     return cols, rows
 
 
-def check(adapter_name: str, modules: dict[str, tuple[int, int]], layers: list[int], adapter_base: dict | None,
+def _shape_text(shape: tuple[int, ...]) -> str:
+    text = f"in {shape[0]}, out {shape[1]}"
+    return text + (f", {shape[2]} experts" if len(shape) == 3 else "")
+
+
+def check(adapter_name: str, modules: dict[str, tuple[int, ...]], layers: list[int], adapter_base: dict | None,
           base_name: str, base: dict, adapter_base_files: list[dict] | None = None,
           allow_different_weights: bool = False, hidden_size: int | None = None) -> CompatReport:
     """Decide whether an adapter fits a base model.
 
     Args:
         adapter_name: the adapter's ref, for messages.
-        modules: adapter module path -> (in, out), from its weight header.
+        modules: adapter module path -> (in, out), or (in, out, experts) for an expert layer, from its weight header.
         layers: decoder layer indices the adapter touches.
         adapter_base: the adapter's recorded base {sha256, structure_sha256, ...}, or None.
         base_name: the candidate base's name or path, for messages.
@@ -107,16 +114,23 @@ def check(adapter_name: str, modules: dict[str, tuple[int, int]], layers: list[i
             problems.append(f"adapter touches layer(s) {', '.join(map(str, beyond))} but the base has {total_layers} layers (0–{total_layers - 1})")
     if hidden_size is not None and config.get("hidden_size") not in (None, hidden_size):
         problems.append(f"LoReFT interventions have hidden size {hidden_size} but the base's is {config['hidden_size']}")
-    for module, (n_in, n_out) in sorted(modules.items()):
+    for module, wanted in sorted(modules.items()):
         base_module = by_normal.get(_normalise(module))
         if base_module is None:
             problems.append(f"module {module} is missing from the base")
             continue
-        shape = _logical_shape(base_module, base["tensors"], quant.get("bits"))
+        # mlx-lm may quantize some modules at another width (qwen3_moe keeps its routers at 8 bits).
+        override = (quant.get("modules") or {}).get(base_module)
+        bits = override.get("bits") if isinstance(override, dict) else quant.get("bits")
+        shape = _logical_shape(base_module, base["tensors"], bits)
         if shape is None:
-            problems.append(f"module {module} is not a 2-D weight in the base")
-        elif shape != (n_in, n_out):
-            problems.append(f"module {module}: adapter expects (in {n_in}, out {n_out}), base has (in {shape[0]}, out {shape[1]})")
+            problems.append(f"module {module} is not a linear or expert layer's weight in the base")
+        elif len(shape) != len(wanted):
+            what = "an expert layer (one update per expert)" if len(wanted) == 3 else "a single linear layer"
+            where = "an expert layer" if len(shape) == 3 else "a single linear layer"
+            problems.append(f"module {module}: the adapter updates it as {what}, but in the base it is {where}")
+        elif shape != tuple(wanted):
+            problems.append(f"module {module}: adapter expects ({_shape_text(tuple(wanted))}), base has ({_shape_text(shape)})")
     report = dict(adapter=adapter_name, base=base_name)
     if problems:
         return CompatReport(False, "incompatible", problems=problems, **report)

@@ -15,7 +15,7 @@ def load_loreft(registry, version, model):
 
     from . import loreft
 
-    weights = mx.load(str(registry.objects.verified(version.sha256, f"weights of {version.ref}")), format="safetensors")
+    weights = mx.load(str(registry.weights(version)), format="safetensors")
     loreft.load(model, weights, loreft.config_from(version.record["loreft"]))
     return model
 

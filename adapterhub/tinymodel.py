@@ -156,8 +156,12 @@ def _save_weights(folder: Path, weights: dict, shards: int = 1) -> None:
     write_json(folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": index})
 
 
-def write_quantized(source: Path, out: Path, bits: int, group_size: int) -> Path:
-    """`source` quantized as mlx_lm.convert does (its quantize_model), tokenizer files copied as they are."""
+def write_quantized(source: Path, out: Path, bits: int, group_size: int, quant_predicate=None) -> Path:
+    """`source` quantized as mlx_lm.convert does (its quantize_model), tokenizer files copied as they are.
+
+    `quant_predicate(path, module)` may give some modules other settings (a dict) or none (False), as
+    mlx_lm's mixed-precision recipes and models such as qwen3_moe (routers at 8 bits) do.
+    """
     import contextlib
     import io
     import shutil
@@ -169,7 +173,7 @@ def write_quantized(source: Path, out: Path, bits: int, group_size: int) -> Path
 
     model, _, config = load(str(source), return_config=True, lazy=True)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints bits per weight
-        model, config = quantize_model(model, config, group_size, bits)
+        model, config = quantize_model(model, config, group_size, bits, quant_predicate=quant_predicate)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.parameters()))

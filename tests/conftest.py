@@ -1,4 +1,4 @@
-"""Fixtures: real tiny llama models, real datasets, real adapters trained by mlx_lm."""
+"""Fixtures: real tiny models (llama, and every architecture of the matrix), real datasets, real adapters trained by mlx_lm."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from adapterhub.registry import Registry
-from adapterhub.tinymodel import write_dataset, write_model
+from adapterhub.tinymodel import ARCHITECTURES, write_dataset, write_model, write_quantized
 from adapterhub.demo import train_with_mlx_lm
 
 
@@ -40,6 +40,40 @@ def tiny_model_4bit(tmp_path_factory, tiny_model) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny-llama-4bit"
     convert(str(tiny_model), str(out), quantize=True, q_bits=4, q_group_size=32)
     return out
+
+
+# The quantized rows of the architecture matrix: (bits, group size), as `mlx_lm convert -q` writes them.
+QUANTIZED_VARIANTS = {"4bit-g32": (4, 32), "8bit-g64": (8, 64)}
+VARIANTS = ("float", *QUANTIZED_VARIANTS)
+
+
+@pytest.fixture(scope="session")
+def arch_model(tmp_path_factory):
+    """`arch_model(arch, variant)`: a tiny model of that architecture built with mlx_lm's own classes, as a folder.
+
+    variant is "float", "4bit-g32" or "8bit-g64" (the float model quantized as mlx_lm does). Each is
+    built on first use and shared by the whole session.
+    """
+    root = tmp_path_factory.mktemp("arch-models")
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(arch: str, variant: str = "float") -> Path:
+        if arch not in ARCHITECTURES or variant not in VARIANTS:
+            raise ValueError(f"no {arch} {variant} model in the matrix")
+        if (arch, variant) not in built:
+            if variant == "float":
+                built[arch, variant] = write_model(root / arch, arch=arch, seed=0)
+            else:
+                bits, group_size = QUANTIZED_VARIANTS[variant]
+                built[arch, variant] = write_quantized(get(arch), root / f"{arch}-{variant}", bits, group_size)
+        return built[arch, variant]
+    return get
+
+
+@pytest.fixture(scope="session")
+def arch_models(arch_model) -> dict[tuple[str, str], Path]:
+    """Every row of the matrix: (arch, variant) -> model folder."""
+    return {(arch, variant): arch_model(arch, variant) for arch in ARCHITECTURES for variant in VARIANTS}
 
 
 @pytest.fixture(scope="session")

@@ -176,7 +176,7 @@ def test_fuse_refuses_an_update_that_overflows_the_base_dtype_and_leaves_nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "model", "registry"]  # no staging folder either
     assert snapshot(registry.root / "objects") == objects_before  # no restore data kept
     assert snapshot(registry.root) == before
-    assert registry.fused_models() == [] and registry.stale_staging() == []
+    assert registry.fused_models() == [] and registry.staging_rows() == ([], [])
 
 
 def test_unfuse_refuses_a_folder_record_fuse_did_not_write(cli, registry, tmp_path, tiny_model, lora_adapter):

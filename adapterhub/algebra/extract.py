@@ -32,7 +32,7 @@ class ExtractReport:
 
 
 def _float_weight(headers: dict, name: str, config_quant: dict | None):
-    """A 2-D weight as float32 numpy, dequantized when the model is quantized."""
+    """A linear (out, in) or expert (experts, out, in) weight as float32 numpy, dequantized when quantized."""
     import mlx.core as mx
 
     module = name[: -len(".weight")]
@@ -46,11 +46,17 @@ def _float_weight(headers: dict, name: str, config_quant: dict | None):
 
 
 def _logical_shape(headers: dict, name: str, config_quant: dict | None) -> tuple[int, int]:
-    rows, cols = headers[name].tensors[name].shape
+    *_, rows, cols = headers[name].tensors[name].shape
     module = name[: -len(".weight")]
     if module + ".scales" in headers:
         cols = cols * 32 // quantization_for(module, config_quant).bits
     return rows, cols
+
+
+def _padded(lora_a: np.ndarray, lora_b: np.ndarray, error: float, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Factors of a smaller rank, zero-filled to `rank`: the same update, in the one rank mlx-lm loads."""
+    missing = rank - lora_a.shape[1]
+    return np.pad(lora_a, ((0, 0), (0, missing))), np.pad(lora_b, ((0, missing), (0, 0))), error
 
 
 def extract(registry, base: str, fused_dir: Path, rank: int, name: str, tags: dict | None = None,
@@ -78,7 +84,11 @@ def extract(registry, base: str, fused_dir: Path, rank: int, name: str, tags: di
         group = [n for n in (tensor, module + ".scales", module + ".biases") if n in base_headers]
         if all(n in fused_headers and np.array_equal(read_bits(base_headers[n], n), read_bits(fused_headers[n], n)) for n in group):
             continue
-        if _LAYER.search(tensor) and len(base_headers[tensor].tensors[tensor].shape) == 2:
+        if (module + ".scales" in base_headers) != (module + ".scales" in fused_headers) and np.array_equal(
+                _float_weight(base_headers, tensor, base_quant), _float_weight(fused_headers, tensor, fused_quant)):
+            continue  # stored differently (a --dequantize fuse of a quantized base), the same values: untouched
+        # 2-D: a linear layer; 3-D: the stacked experts of a mixture-of-experts layer (mlx-lm's SwitchLinear).
+        if _LAYER.search(tensor) and len(base_headers[tensor].tensors[tensor].shape) in (2, 3):
             differing.append(tensor)
         else:
             report.not_representable.append(tensor)
@@ -86,13 +96,25 @@ def extract(registry, base: str, fused_dir: Path, rank: int, name: str, tags: di
                                        and t in fused_headers and not np.array_equal(read_bits(base_headers[t], t), read_bits(fused_headers[t], t)))
     if not differing:
         raise AdapterHubError("no linear layer weight differs between the two models", hint="nothing a LoRA could express")
-    # mlx-lm gives every module one rank, so the rank cannot exceed the smallest differing matrix.
-    report.rank = rank = min([rank] + [min(_logical_shape(fused_headers, t, fused_quant)) for t in differing])
+    # mlx-lm gives every module one rank. A matrix smaller than it (a mixture-of-experts router has one row
+    # per expert) holds its whole update in fewer components, and zero factors fill the rest; only a rank
+    # beyond every matrix is lowered, as it could add nothing.
+    report.rank = rank = min(rank, max(min(_logical_shape(fused_headers, t, fused_quant)) for t in differing))
     weights: dict[str, np.ndarray] = {}
     for tensor in differing:
         delta = _float_weight(fused_headers, tensor, fused_quant) - _float_weight(base_headers, tensor, base_quant)
-        lora_a, lora_b, error = truncated_dense(delta, rank)
         module = tensor[: -len(".weight")]
+        if delta.ndim == 3:
+            # One update per expert, in mlx-lm's LoRASwitchLinear layout: lora_a (experts, r, in), lora_b (experts, out, r).
+            parts = [_padded(*truncated_dense(d, rank), rank) for d in delta]
+            weights[module + ".lora_a"] = np.stack([a.T for a, _, _ in parts])
+            weights[module + ".lora_b"] = np.stack([b.T for _, b, _ in parts])
+            energy = np.sum(delta.astype(np.float64) ** 2, axis=(1, 2))
+            total = float(energy.sum())
+            # The module's relative error over all its experts: sqrt(sum of lost energy / total energy).
+            report.relative_error[module] = float(np.sqrt(sum(e ** 2 * w for (_, _, e), w in zip(parts, energy)) / total)) if total > 0 else 0.0
+            continue
+        lora_a, lora_b, error = _padded(*truncated_dense(delta, rank), rank)
         weights[module + ".lora_a"], weights[module + ".lora_b"] = lora_a, lora_b
         report.relative_error[module] = error
     matches = [_LAYER.search(t) for t in differing]

@@ -154,7 +154,7 @@ def execute_fuse(plan: FusePlan, registry, progress=None, force: bool | None = N
     require_new_folder(plan.out, (*inputs, registry.root), force)
     base_record = registry.add_base(plan.base_path)[0]
     plan = replace(plan, base=base_record)
-    adapters = [(v.ref, v.record["kind"], v.record["scale"], registry.objects.verified(v.sha256, f"weights of {v.ref}")) for v in plan.adapters]
+    adapters = [(v.ref, v.record["kind"], v.record["scale"], registry.weights(v)) for v in plan.adapters]
     files = weight_files(plan.base_path)
     headers = {p.name: read_header(p) for p in files}
     base_tensors = {k: v for h in headers.values() for k, v in h.structure().items()}

@@ -30,11 +30,14 @@ class Update:
     ref: str
     kind: str
     scale: float
-    lora_a: mx.array  # (in, r)
-    lora_b: mx.array  # (r, out)
+    lora_a: mx.array  # (in, r); an expert layer's: (experts, r, in)
+    lora_b: mx.array  # (r, out); an expert layer's: (experts, out, r)
     m: mx.array | None = None  # DoRA magnitude, (out,)
 
     def delta(self, dtype) -> mx.array:
+        if self.lora_a.ndim == 3:
+            # LoRASwitchLinear.fuse, operation for operation: each expert's W += (scale * B_e) @ A_e.
+            return ((self.scale * self.lora_b) @ self.lora_a).astype(dtype)
         return ((self.scale * self.lora_b.T) @ self.lora_a.T).astype(dtype)
 
 

@@ -40,7 +40,7 @@ class StackReport:
 def _factors(registry, version) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     import mlx.core as mx
 
-    weights = mx.load(str(registry.objects.verified(version.sha256, f"weights of {version.ref}")), format="safetensors")
+    weights = mx.load(str(registry.weights(version)), format="safetensors")
     return {k[: -len(".lora_a")]: (np.array(weights[k].astype(mx.float32)), np.array(weights[k[:-1] + "b"].astype(mx.float32)))
             for k in weights if k.endswith(".lora_a")}
 
@@ -48,6 +48,28 @@ def _factors(registry, version) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def _frobenius_sq(left: np.ndarray, right: np.ndarray) -> float:
     """||left @ right||² from the factors alone."""
     return float(np.sum((left.T @ left) * (right @ right.T)))
+
+
+def _combine(method: str, rank: int | None, coefficients, roots, signs, versions, raw: list) -> tuple:
+    """One linear layer's stacked factors (lora_a (in, R), lora_b (R, out)) and the method's measure (or None).
+
+    `raw` holds each source's (lora_a, lora_b), or None where a source does not touch the layer.
+    """
+    n_in, n_out = next((a.shape[0], b.shape[1]) for a, b in (r for r in raw if r is not None))
+    # An adapter that does not touch this module contributes zero factors of its own rank.
+    raw = [r if r is not None else (np.zeros((n_in, v.record["rank"]), np.float32), np.zeros((v.record["rank"], n_out), np.float32))
+           for r, v in zip(raw, versions)]
+    cat_a = np.concatenate([a for a, _ in raw], axis=1)
+    cat_b = np.concatenate([c * b for c, (_, b) in zip(coefficients, raw)], axis=0)
+    if method == "cat":
+        return cat_a, cat_b, None
+    if method == "svd":
+        return truncated(cat_b.T, cat_a.T, rank)
+    lora_a = sum(r * a for r, (a, _) in zip(roots, raw))
+    lora_b = sum(s * r * b for s, r, (_, b) in zip(signs, roots, raw))
+    exact = _frobenius_sq(cat_b.T, cat_a.T)
+    error = _frobenius_sq(np.concatenate([lora_b.T, -cat_b.T], axis=1), np.concatenate([lora_a.T, cat_a.T], axis=0))
+    return lora_a, lora_b, float(np.sqrt(error / exact)) if exact > 0 else 0.0
 
 
 def stack(registry, refs: list[str], name: str, weights: list[float] | None = None, method: str = "cat",
@@ -93,25 +115,28 @@ def stack(registry, refs: list[str], name: str, weights: list[float] | None = No
     roots = np.sqrt(np.abs(coefficients))
     signs = np.where(np.array(coefficients) < 0, -1.0, 1.0)
     for module in modules:
-        n_in, n_out = next((f[module][0].shape[0], f[module][1].shape[1]) for f in factors if module in f)
-        # An adapter that does not touch this module contributes zero factors of its own rank.
-        raw = [f.get(module) or (np.zeros((n_in, v.record["rank"]), np.float32), np.zeros((v.record["rank"], n_out), np.float32))
-               for f, v in zip(factors, versions)]
-        cat_a = np.concatenate([a for a, _ in raw], axis=1)
-        cat_b = np.concatenate([c * b for c, (_, b) in zip(coefficients, raw)], axis=0)
-        if method == "cat":
-            lora_a, lora_b = cat_a, cat_b
-        elif method == "svd":
-            lora_a, lora_b, kept = truncated(cat_b.T, cat_a.T, rank)
-            report.per_module[module] = kept
-        else:
-            lora_a = sum(r * a for r, (a, _) in zip(roots, raw))
-            lora_b = sum(s * r * b for s, r, (_, b) in zip(signs, roots, raw))
-            exact = _frobenius_sq(cat_b.T, cat_a.T)
-            error = _frobenius_sq(np.concatenate([lora_b.T, -cat_b.T], axis=1), np.concatenate([lora_a.T, cat_a.T], axis=0))
-            report.per_module[module] = float(np.sqrt(error / exact)) if exact > 0 else 0.0
+        experts = {f[module][0].shape[0] for f in factors if module in f and f[module][0].ndim == 3}
+        if experts and (len(experts) > 1 or any(module in f and f[module][0].ndim != 3 for f in factors)):
+            raise IncompatibleError(f"the adapters disagree on {module}: some update it as an expert layer "
+                                    f"with {sorted(experts)} experts, others differently", hint="stack adapters of one base model")
+        if experts:
+            # An expert layer holds one independent update per expert: each is stacked as a linear layer's would be.
+            count = experts.pop()
+            per_expert = [_combine(method, rank, coefficients, roots, signs, versions,
+                                   [(f[module][0][e].T, f[module][1][e].T) if module in f else None for f in factors])
+                          for e in range(count)]
+            out_weights[module + ".lora_a"] = np.stack([a.T for a, _, _ in per_expert])
+            out_weights[module + ".lora_b"] = np.stack([b.T for _, b, _ in per_expert])
+            measures = [m for _, _, m in per_expert if m is not None]
+            if measures:  # the worst expert speaks for the module
+                report.per_module[module] = min(measures) if method == "svd" else max(measures)
+            continue
+        lora_a, lora_b, measure = _combine(method, rank, coefficients, roots, signs, versions,
+                                           [f.get(module) for f in factors])
+        if measure is not None:
+            report.per_module[module] = measure
         out_weights[module + ".lora_a"], out_weights[module + ".lora_b"] = lora_a, lora_b
-    report.rank = next(iter(out_weights.values())).shape[1]
+    report.rank = out_weights[modules[0] + ".lora_a"].shape[1]  # (in, R), or (experts, R, in)
     if method == "linear":
         report.notes.append("linear mixes the factors, not the updates: an approximation (relative error per module in per_module)")
     layers = sorted({int(m.group(1)) for m in map(_LAYER.search, modules) if m})

@@ -91,7 +91,7 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
     else:
         base_headers, config = fused_headers, read_json(fused_dir / "config.json")
     base_tensors = {k: v for h in base_headers.values() for k, v in h.structure().items()}
-    adapters = [(v.ref, v.record["kind"], v.record["scale"], registry.objects.verified(v.sha256, f"weights of {v.ref}")) for v in versions]
+    adapters = [(v.ref, v.record["kind"], v.record["scale"], registry.weights(v)) for v in versions]
     updates = module_updates(adapters, base_tensors)
     config_quant = config.get("quantization") or config.get("quantization_config")
     modules = set(updates)

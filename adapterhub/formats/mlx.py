@@ -46,7 +46,8 @@ class ParsedAdapter:
     targets: tuple[str, ...]
     dtype: str
     num_parameters: int
-    modules: dict[str, tuple[int, int]]  # module path -> (in, out); none for LoReFT
+    # module path -> (in, out), or (in, out, experts) for an expert layer; none for LoReFT
+    modules: dict[str, tuple[int, ...]]
     loreft: dict | None = None  # LoReFT's layers, positions, rank, hidden size and interventions per layer
 
     @property
@@ -202,16 +203,30 @@ def derive(config_path: Path, weights_path: Path, config: dict, header: Header, 
         if "lora_a" not in leaves or "lora_b" not in leaves:
             raise _bad(weights_path, f"module '{module}' lacks {'lora_b' if 'lora_a' in leaves else 'lora_a'}")
         a, b = leaves["lora_a"], leaves["lora_b"]
-        if len(a) != 2 or len(b) != 2:
-            raise _bad(weights_path, f"module '{module}' has lora_a {list(a)} and lora_b {list(b)}; only 2-D LoRA is supported")
-        if a[1] != b[0]:
-            raise _bad(weights_path, f"module '{module}': lora_a {list(a)} has rank {a[1]} but lora_b {list(b)} has rank {b[0]}")
-        if "m" in leaves:
-            has_magnitude = True
-            if tuple(leaves["m"]) != (b[1],):
-                raise _bad(weights_path, f"module '{module}': DoRA magnitude m has shape {list(leaves['m'])}, expected [{b[1]}]")
-        ranks.add(a[1])
-        shapes[module] = (a[0], b[1])
+        if len(a) == len(b) == 3:
+            # mlx-lm's LoRASwitchLinear (mixture-of-experts layers): one update per expert,
+            # lora_a (experts, r, in) and lora_b (experts, out, r).
+            if a[0] != b[0]:
+                raise _bad(weights_path, f"module '{module}': lora_a {list(a)} has {a[0]} experts but lora_b {list(b)} has {b[0]}")
+            if a[1] != b[2]:
+                raise _bad(weights_path, f"module '{module}': lora_a {list(a)} has rank {a[1]} but lora_b {list(b)} has rank {b[2]}")
+            if "m" in leaves:
+                raise _bad(weights_path, f"module '{module}' is an expert layer with a DoRA magnitude m; "
+                                         "mlx-lm has no DoRA for expert layers (SwitchLinear doesn't support DoRA yet)")
+            ranks.add(a[1])
+            shapes[module] = (a[2], b[1], a[0])
+        elif len(a) == len(b) == 2:
+            if a[1] != b[0]:
+                raise _bad(weights_path, f"module '{module}': lora_a {list(a)} has rank {a[1]} but lora_b {list(b)} has rank {b[0]}")
+            if "m" in leaves:
+                has_magnitude = True
+                if tuple(leaves["m"]) != (b[1],):
+                    raise _bad(weights_path, f"module '{module}': DoRA magnitude m has shape {list(leaves['m'])}, expected [{b[1]}]")
+            ranks.add(a[1])
+            shapes[module] = (a[0], b[1])
+        else:
+            raise _bad(weights_path, f"module '{module}' has lora_a {list(a)} and lora_b {list(b)}; LoRA factors are 2-D "
+                                     "(a linear layer) or 3-D (the experts of a mixture-of-experts layer)")
         match = _LAYER.search(module)
         if match:
             layers.add(int(match.group(1)))

@@ -15,7 +15,7 @@ import re
 from math import sqrt
 from pathlib import Path
 
-from ..errors import InvalidAdapterError, NotFoundError
+from ..errors import IncompatibleError, InvalidAdapterError, NotFoundError
 from ..safetensors_io import (FLOAT_DTYPES, MLX_LOADABLE, StreamingWriter, build_header, quote_name, read_bits,
                               read_header, refuse_pickle)
 from ..store import read_json, write_json
@@ -139,9 +139,39 @@ def to_mlx(folder: Path, out: Path) -> dict:
     return config
 
 
+# A mixture-of-experts router in mlx-lm (mixtral's block_sparse_moe.gate, qwen2/3_moe's mlp.gate).
+_ROUTER = re.compile(r"(?:^|\.)(?:block_sparse_moe|mlp)\.gate$")
+
+
+def unrepresentable(header) -> list[str]:
+    """Why each module of an mlx-lm adapter has no PEFT LoRA equivalent (empty when all have one).
+
+    PEFT's LoRA wraps nn.Linear layers. transformers (5.x) keeps a mixture-of-experts' experts as one
+    3-D parameter per projection, and its router as a bare weight parameter (a TopKRouter, not a Linear):
+    PEFT reaches those only through `target_parameters`, another format with other semantics.
+    """
+    experts, routers = [], []
+    for key, info in sorted(header.tensors.items()):
+        module, _, leaf = key.rpartition(".")
+        if leaf != "lora_a":
+            continue
+        if len(info.shape) == 3:
+            experts.append(f"{module} is the expert layer of a mixture of experts (one LoRA per expert); "
+                           "PEFT's LoRA wraps linear layers, and transformers keeps experts as one 3-D parameter per projection")
+        elif _ROUTER.search(module):
+            routers.append(f"{module} is the router of a mixture of experts; "
+                           "PEFT's LoRA wraps linear layers, and transformers keeps a router as a bare weight parameter")
+    return experts + routers
+
+
 def from_mlx(weights: Path, record: dict, out: Path, base_model_name_or_path: str | None) -> None:
     """Write `out/adapter_model.safetensors` + `adapter_config.json` that PeftModel.from_pretrained loads."""
     header = read_header(weights)
+    reasons = unrepresentable(header)
+    if reasons:
+        more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
+        raise IncompatibleError(f"{record['name']}@{record['version']} has no PEFT equivalent: {reasons[0]}{more}",
+                                  hint="export it with --format mlx; a LoRA on the attention layers alone exports to PEFT")
     entries, sources = [], {}
     for key in sorted(header.tensors):
         module, _, leaf = key.rpartition(".")

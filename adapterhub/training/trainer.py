@@ -51,6 +51,21 @@ class _Batches:
             np.random.set_state(outer)
 
 
+def _refuse_dora_on_experts(tensors: dict, first_layer: int) -> None:
+    """mlx-lm wraps every linear and expert layer of the trained layers, and has no DoRA for experts: it would
+    raise mid-build ("SwitchLinear doesn't support DoRA yet"). Refused here, from the weight header, before anything loads."""
+    import re
+
+    experts = sorted(name[: -len(".weight")] for name, (_, shape) in tensors.items()
+                     if name.endswith(".weight") and len(shape) == 3
+                     and (m := re.search(r"(?:^|\.)layers\.(\d+)\.", name)) and int(m.group(1)) >= first_layer)
+    if experts:
+        raise IncompatibleError("--kind dora: mlx-lm has no DoRA for the expert layers of a mixture of experts "
+                                f"(SwitchLinear doesn't support DoRA yet), and the trained layers hold {len(experts)} "
+                                f"({experts[0]}" + (", …)" if len(experts) > 1 else ")"),
+                                hint="train --kind lora on this model")
+
+
 def new_run_id(name: str) -> str:
     stem = "".join(c if c.isalnum() else "-" for c in name.lower())[:40].strip("-")
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
@@ -99,7 +114,9 @@ class Trainer:
 
                 loreft.check_layers(loreft.parse_layers(config.layers, model_layers), model_layers)
             else:
-                config.layers_to_train(model_layers)
+                wrapped = config.layers_to_train(model_layers)
+                if config.kind == "dora":
+                    _refuse_dora_on_experts(self.base_fp.get("tensors") or {}, model_layers - wrapped)
         self.base_path = Path(config.base).expanduser() if Path(config.base).expanduser().is_dir() else Path(base_record["path"])
         self.dataset_fp = fingerprint_dataset(Path(config.data))
         self.parent = self.registry.resolve(config.from_ref) if config.from_ref else None
@@ -158,7 +175,7 @@ class Trainer:
         import mlx.core as mx
         from mlx.utils import tree_flatten
 
-        weights = mx.load(str(self.registry.objects.verified(self.parent.sha256, f"weights of {self.parent.ref}")), format="safetensors")
+        weights = mx.load(str(self.registry.weights(self.parent)), format="safetensors")
         trainable = dict(tree_flatten(model.trainable_parameters()))
         problems = [f"{k} {list(v.shape)}" for k, v in weights.items() if k not in trainable or trainable[k].shape != v.shape]
         missing = sorted(set(trainable) - set(weights))
