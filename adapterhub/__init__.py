@@ -2,6 +2,6 @@
 
 from .errors import AdapterHubError
 from .registry import Registry
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["AdapterHubError", "Registry", "__version__"]

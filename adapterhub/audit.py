@@ -14,7 +14,8 @@ from pathlib import Path
 from .errors import CorruptRegistryError
 from .fingerprint import hash_files
 from .lineage import Lineage, Node, ancestors, safe_member
-from .registry import RECORD_FILE, Registry
+from .records import RECORD_FILE
+from .registry import Registry
 from .store import read_json
 
 STATUSES = ("ok", "changed", "missing", "unchecked")

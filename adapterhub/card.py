@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 
 from .lineage import Node, Walker, ancestors, folder_record, to_tree, walk_up
-from .registry import RECORD_FILE, AdapterVersion, Registry
+from .records import RECORD_FILE, AdapterVersion
+from .registry import Registry
 from .store import read_json
 
 LOSS_ROWS = 12  # a loss curve in a card is a glance, not the log

@@ -15,7 +15,8 @@ from pathlib import Path
 import click
 
 from .errors import AdapterHubError, printable
-from .registry import AdapterVersion, Registry, unapplied
+from .records import AdapterVersion, unapplied
+from .registry import Registry
 from .store import dump_json
 
 ENV_REGISTRY = "ADAPTERHUB_REGISTRY"

@@ -14,7 +14,8 @@ from .card import adapter_card
 from .errors import AdapterHubError
 from .formats import peft as peft_format
 from .lineage import safe_member
-from .registry import RECORD_FILE, Registry
+from .records import RECORD_FILE
+from .registry import Registry
 from .store import atomic_write, write_json
 
 

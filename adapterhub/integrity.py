@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import AdapterHubError, CorruptRegistryError, SchemaError
 from .safetensors_io import sha256_file
 from .schemas import validate
-from .registry import VERSION_RELATIONS, weights_claim_problem
+from .records import VERSION_RELATIONS, weights_claim_problem
 from .store import open_db, read_tables, writer_pid
 
 INDEX_SCHEMAS = {"bases.json": "base_model", "datasets.json": "dataset", "fused.json": "fused_model",

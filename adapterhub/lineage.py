@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AdapterHubError, CorruptRegistryError, NotFoundError
-from .registry import RECORD_FILE, VERSION_RELATIONS, AdapterVersion, Registry
+from .records import RECORD_FILE, VERSION_RELATIONS, AdapterVersion
+from .registry import Registry
 from .schemas import validate
 from .store import read_json
 

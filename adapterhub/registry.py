@@ -22,8 +22,6 @@ import fnmatch
 import os
 import re
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator
 
@@ -35,14 +33,14 @@ from .errors import AdapterHubError, ConflictError, CorruptRegistryError, Incomp
 from .fingerprint import HashCache, fingerprint_dataset, fingerprint_model
 from .formats import mlx as mlx_format
 from .migrations import FORMAT, upgrade
+# Re-exported while callers move to records: RECORD_FILE, VERSION_RELATIONS, AdapterVersion, now, unapplied.
+from .records import (RECORD_FILE, VERSION_RELATIONS, AdapterVersion, base_ref, now, unapplied,  # noqa: F401
+                      weights_claim_problem)
 from .safetensors_io import read_header
 from .schemas import validate
 from .store import (ObjectStore, RegistryLock, check_output, enclosing_registry, open_db, read_json, read_tables,
                     rewrite_tables, staged_folder, staging_path, write_json)
 
-RECORD_FILE = "adapterhub.json"  # a record written beside weights (fused models, exports) so they carry their lineage
-# Relations whose parent is a version of this registry (others name models or remote repos).
-VERSION_RELATIONS = ("resumed-from", "stacked-from", "promoted-from")
 _CATALOGUE_NAME = re.compile(r"^[a-z][a-z0-9._-]*$")
 # A byte-progress factory: (description, total bytes) -> context manager yielding advance(n).
 ProgressFactory = Callable[[str, int], ContextManager[Callable[[int], None]]]
@@ -50,40 +48,6 @@ ProgressFactory = Callable[[str, int], ContextManager[Callable[[int], None]]]
 
 def _no_progress(description: str, total: int) -> ContextManager[Callable[[int], None]]:
     return nullcontext(lambda n: None)
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-@dataclass(frozen=True)
-class AdapterVersion:
-    """One registered adapter version, as `show` reports it."""
-
-    record: dict
-    aliases: tuple[str, ...] = ()
-
-    @property
-    def name(self) -> str:
-        return self.record["name"]
-
-    @property
-    def version(self) -> int:
-        return self.record["version"]
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.version}"
-
-    @property
-    def sha256(self) -> str:
-        return self.record["sha256"]
-
-    def file_sha(self, filename: str) -> str:
-        return next(f["sha256"] for f in self.record["files"] if f["name"] == filename)
-
-    def to_dict(self) -> dict:
-        return {"ref": self.ref, **self.record, "aliases": list(self.aliases)}
 
 
 class Registry:
@@ -117,7 +81,7 @@ class Registry:
                 folder.mkdir(parents=True, exist_ok=True)
             if not (self.root / "policy.json").exists():
                 write_json(self.root / "policy.json", naming.Policy().to_dict())
-            from . import __version__
+            from .version import __version__
 
             write_json(self.root / "registry.json", {"format": FORMAT, "created_at": now(), "adapterhub_version": __version__})
         return True
@@ -134,7 +98,7 @@ class Registry:
             return
         marker = self._marker()
         if marker["format"] > FORMAT:
-            from . import __version__
+            from .version import __version__
 
             raise CorruptRegistryError(f"{self.root} is in format {marker['format']}, newer than this adapterhub "
                                        f"({__version__}) reads ({FORMAT})", hint="upgrade adapterhub")
@@ -252,13 +216,13 @@ class Registry:
 
     def resolve_base(self, path_or_name: str | Path, reread: bool = False) -> tuple[dict, dict | None]:
         """A base given as a folder path or a registered name -> (fingerprint, registered record or None)."""
-        from . import hub
+        from . import hf
 
         path = Path(path_or_name).expanduser()
         repo_id = None
-        if not path.is_dir() and hub.is_repo_id(str(path_or_name)):
+        if not path.is_dir() and hf.is_repo_id(str(path_or_name)):
             # A Hub repo id: its snapshot in the local Hugging Face cache, whose blob names are the sha256s.
-            repo_id, path = str(path_or_name), hub.cached_snapshot(str(path_or_name))
+            repo_id, path = str(path_or_name), hf.cached_snapshot(str(path_or_name))
         if path.is_dir():
             fp = {**self._fingerprint(path, reread), "hf_repo": repo_id}
             known = [b for b in self.bases() if b["sha256"] == fp["sha256"]]
@@ -452,7 +416,7 @@ class Registry:
         # A draft with placeholder hashes is validated before anything is written, so a
         # record that cannot be stored never leaves an orphan blob behind.
         placeholder = ("0" * 64, 0)
-        draft_base = _base_ref({**base_fp, "name": base_name}) if base_fp else None
+        draft_base = base_ref({**base_fp, "name": base_name}) if base_fp else None
         make_record(1, placeholder, placeholder, draft_base, {**dataset_fp, "name": "draft"} if dataset_fp else None)
 
         with self._transaction():
@@ -471,7 +435,7 @@ class Registry:
             dataset_record = self._register_dataset(dataset_fp, Path(dataset)) if dataset_fp else None
             # The high-water mark counts removed versions too: a number means one set of bytes forever.
             version = max([v["version"] for v in versions] + list(removed), default=0) + 1
-            record = make_record(version, weights, config, _base_ref(base_record) if base_record else None, dataset_record)
+            record = make_record(version, weights, config, base_ref(base_record) if base_record else None, dataset_record)
             self._index(record)
             self._adapter_db(name).table("versions").insert(Document(record, doc_id=version))
             return self._version_obj(record), True
@@ -813,34 +777,11 @@ def _check_shapes(path: Path, tables: dict) -> None:
                                            hint="restore it from a backup, or run 'adapterhub verify' to see the damage")
 
 
-def weights_claim_problem(record: dict) -> str | None:
-    """A record's `sha256` names its weights; it must be the sha256 its files[] lists for them."""
-    listed = next((f["sha256"] for f in record.get("files", ()) if f.get("name") == mlx_format.WEIGHTS_FILE), None)
-    if listed == record.get("sha256"):
-        return None
-    ref = f"{record.get('name')}@{record.get('version')}"
-    return f"record {ref} claims weights {str(record.get('sha256'))[:12]} but its files[] list {str(listed)[:12]}"
-
-
 def _check_weights_claim(record: dict) -> None:
     problem = weights_claim_problem(record)
     if problem:
         raise CorruptRegistryError(problem, hint="run 'adapterhub verify'; restore the catalogue file from a backup "
                                                  "or remove the version")
-
-
-def unapplied(version: AdapterVersion, created: bool, tags: dict, description: str | None) -> dict:
-    """What an import of weights already registered asked for and did not get: versions are immutable,
-    so its tags and description are the first import's."""
-    if created:
-        return {}
-    ignored = {}
-    changed_tags = {k: v for k, v in tags.items() if version.record["tags"].get(k) != v}
-    if changed_tags:
-        ignored["tags"] = changed_tags
-    if description and description != version.record.get("description"):
-        ignored["description"] = description
-    return ignored
 
 
 def _is_zombie(pid: int) -> bool:
@@ -862,10 +803,6 @@ def _origin(folder: Path) -> dict | None:
 
 def _imported_from(origin: dict) -> dict:
     return {"ref": origin["ref"], "sha256": origin["sha256"], "relation": "imported-from"}
-
-
-def _base_ref(record: dict) -> dict:
-    return {k: record[k] for k in ("name", "sha256", "structure_sha256", "model_type")}
 
 
 def _unique(name: str, taken: set[str]) -> str:

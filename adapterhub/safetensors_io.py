@@ -369,7 +369,7 @@ class StreamingWriter:
     SYNC_EVERY = 256 << 20  # flush as we go, so close() does not wait for the whole file
 
     def __init__(self, path: Path, header: bytes, progress: Progress | None = None):
-        from .store import temp_path_for
+        from .files import temp_path_for
 
         self.path = Path(path)
         self._tmp = temp_path_for(self.path)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapterhub.registry import Registry, now  # noqa: E402
+from adapterhub.records import now  # noqa: E402
+from adapterhub.registry import Registry  # noqa: E402
 from adapterhub.tinymodel import write_dataset, write_model  # noqa: E402
 from adapterhub.demo import train_with_mlx_lm  # noqa: E402
 

@@ -14,13 +14,12 @@ from math import prod
 from pathlib import Path
 
 from ..errors import InvalidAdapterError, NotFoundError
+from ..records import CONFIG_FILE, WEIGHTS_FILE  # noqa: F401 (mlx-lm's file names, re-exported)
 from ..safetensors_io import (FLOAT_DTYPES, MLX_LOADABLE, Header, non_finite_tensors, quote_name, read_header,
                               refuse_pickle)
 from ..schemas import validate
 from ..store import read_json
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapters.safetensors"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 # Hyper-parameters mlx-lm writes into adapter_config.json that describe training.
 TRAINING_KEYS = (
