@@ -18,7 +18,9 @@ from pathlib import Path
 from .errors import AdapterHubError, CorruptRegistryError, SchemaError
 from .safetensors_io import sha256_file
 from .schemas import validate
+from .outputs import STAGING
 from .records import VERSION_RELATIONS, weights_claim_problem
+from .runs import process_alive
 from .store import open_db, read_tables, writer_pid
 
 INDEX_SCHEMAS = {"bases.json": "base_model", "datasets.json": "dataset", "fused.json": "fused_model",
@@ -125,7 +127,7 @@ def repair(registry) -> RepairReport:
         registry.objects.remove(sha)
         removed.setdefault("orphan blobs", []).append(sha)
     for path in _temporary_files(registry):
-        if not _written_by_live_process(registry, path):
+        if not _written_by_live_process(path):
             path.unlink(missing_ok=True)
             removed.setdefault("temporary files", []).append(str(path))
     for path in registry.objects.strays():
@@ -134,19 +136,16 @@ def repair(registry) -> RepairReport:
     for shard, doc_ids in found.stale_rows.items():
         open_db(shard).remove(doc_ids=doc_ids)
         removed.setdefault("stale index rows", []).extend(f"{shard.name}#{i}" for i in doc_ids)
-    journal = open_db(registry.catalog / "staging.json")
     for row in killed:
         shutil.rmtree(row["path"], ignore_errors=True)
-        journal.remove(doc_ids=[row["doc_id"]])
+        registry.catalogue.remove(STAGING, doc_ids=[row["doc_id"]])
         removed.setdefault("staging folders", []).append(row["path"])
-    if not len(journal):
-        (registry.catalog / "staging.json").unlink(missing_ok=True)
     return RepairReport(removed)
 
 
-def _written_by_live_process(registry, path: Path) -> bool:
+def _written_by_live_process(path: Path) -> bool:
     pid = writer_pid(path)
-    return pid is not None and registry.run_status({"status": "running", "pid": pid, "host": socket.gethostname()}) == "running"
+    return pid is not None and process_alive(pid, socket.gethostname())
 
 
 def _scan_versions(registry, report: VerifyReport) -> _Catalogue:
@@ -225,7 +224,7 @@ def _readable_rows(path: Path, report: VerifyReport) -> list:
 def _leftover_notes(registry, found: _Catalogue, report: VerifyReport) -> None:
     stale = sum(len(ids) for ids in found.stale_rows.values())
     orphans = [sha for sha in registry.objects.all() if sha not in found.referenced]
-    leftovers = [p for p in _temporary_files(registry) if not _written_by_live_process(registry, p)]
+    leftovers = [p for p in _temporary_files(registry) if not _written_by_live_process(p)]
     strays = registry.objects.strays()
     try:
         live, staging = registry.staging_rows()

@@ -8,14 +8,16 @@ Every file is replaced by an atomic rename (files.atomic_write).
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from tinydb import TinyDB
+from tinydb import Query, TinyDB
 from tinydb.storages import Storage
+from tinydb.table import Document
 
-from .errors import AdapterHubError, CorruptRegistryError
+from .errors import AdapterHubError, ConflictError, CorruptRegistryError
 # Re-exported while callers move to files: the file helpers used to live here.
 from .files import (REGISTRY_MARKER, TMP_SUFFIX, _fsync_dir, atomic_write, check_output, dump_json,  # noqa: F401
                     enclosing_registry, parse_json, read_json, require_new_folder, staged_folder, staging_path,
@@ -199,3 +201,174 @@ class ObjectStore:
     def leftovers(self) -> list[Path]:
         """Temporary files a killed writer left behind."""
         return sorted(p for p in self.root.rglob(f"*{TMP_SUFFIX}"))
+
+
+# What readers index records by; the full schema is checked on write and by verify, too slow for every list.
+_ROW_KEYS = {"versions": {"name": str, "version": int, "sha256": str},
+             "aliases": {"alias": str, "version": int},
+             "removed": {"version": int, "sha256": str, "removed_at": str}}
+_CATALOGUE_NAME = re.compile(r"[a-z][a-z0-9._-]*")
+
+
+def _check_shapes(path: Path, tables: dict) -> None:
+    for table, docs in tables.items():
+        keys = _ROW_KEYS.get(table, {})
+        for doc in docs.values():
+            bad = [k for k, kind in keys.items() if not isinstance(doc.get(k), kind) or isinstance(doc.get(k), bool)]
+            if bad:
+                raise CorruptRegistryError(f"{path} is damaged: a row of table '{table}' has no valid {', '.join(bad)}",
+                                           hint="restore it from a backup, or run 'adapterhub verify' to see the damage")
+
+
+class Catalogue:
+    """The TinyDB files under catalog/, behind the few operations the registry needs.
+
+        adapters/<name>.json   one file per adapter name: tables versions (doc id = version), aliases, removed
+        sha/<sha[:2]>.json     sha256 -> name@version rows: sha-prefix refs and blob reference counts
+        by-base/<sha[:16]>.json  names with a version on that base, for `list --base`
+        <rows>.json            bases, datasets, runs, fused, staging: rows matched by field equality
+
+    Callers hold the registry lock around every write; reads take no lock (files are
+    replaced atomically, so a read sees a whole file).
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    # ---- adapter entries ------------------------------------------------------
+
+    def adapter_path(self, name: str) -> Path:
+        return self.folder / "adapters" / f"{name}.json"
+
+    def names(self) -> list[str]:
+        folder = self.folder / "adapters"
+        if not folder.is_dir():
+            return []
+        return sorted(e.name[:-5] for e in os.scandir(folder) if e.name.endswith(".json") and not e.name.startswith("."))
+
+    def entry(self, name: str) -> tuple[list[dict], dict[str, int], dict[int, dict]]:
+        """A name's versions (by number), aliases and removed numbers ({number: {sha256, removed_at}}), in one read."""
+        if not _CATALOGUE_NAME.fullmatch(name):
+            return [], {}, {}  # never a path outside the catalogue, whatever a ref says
+        path = self.adapter_path(name)
+        tables = read_tables(path)
+        _check_shapes(path, tables)
+        versions = sorted(tables.get("versions", {}).values(), key=lambda r: r["version"])
+        removed = {d["version"]: d for d in tables.get("removed", {}).values()}
+        return versions, {d["alias"]: d["version"] for d in tables.get("aliases", {}).values()}, removed
+
+    def add_versions(self, name: str, records: list[dict]) -> None:
+        """Store finished records as versions of `name`; a number in use, or ever used, is refused."""
+        db = open_db(self.adapter_path(name))
+        taken = {d.doc_id for d in db.table("versions").all()} | {d.doc_id for d in db.table("removed").all()}
+        clash = [r["version"] for r in records if r["version"] in taken]
+        if clash:
+            raise ConflictError(f"{name} already has or had version(s) {clash}", hint="version numbers are never reused")
+        db.table("versions").insert_multiple(Document(r, doc_id=r["version"]) for r in records)
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        open_db(self.adapter_path(name)).table("aliases").upsert({"alias": alias, "version": version}, Query().alias == alias)
+
+    def update_version(self, name: str, version: int, fields: dict) -> None:
+        open_db(self.adapter_path(name)).table("versions").update(fields, doc_ids=[version])
+
+    def drop_version(self, record: dict, removed_at: str) -> list[str]:
+        """Remove a version, keeping its number as removed; returns the sha256s no version references any more.
+
+        Check, then write: every file this touches is read (and so parsed) first, so a damaged
+        one refuses the removal before anything has changed. The record goes first, in one
+        write with its tombstone and aliases: a kill after it leaves stale index rows and
+        orphan blobs, both harmless, and never a version both present and removed.
+        """
+        name, number = record["name"], record["version"]
+        sha_dbs = {f["sha256"]: self._sha_db(f["sha256"]) for f in record["files"]}
+        for db in sha_dbs.values():
+            db.all()
+        base_sha = (record["base"] or {}).get("sha256")
+        by_base = self._by_base_db(base_sha) if base_sha else None
+        if by_base is not None:
+            by_base.all()
+
+        def drop(tables: dict) -> None:
+            tables.setdefault("removed", {})[str(number)] = {"version": number, "sha256": record["sha256"], "removed_at": removed_at}
+            tables["versions"].pop(str(number))
+            tables["aliases"] = {i: a for i, a in tables.get("aliases", {}).items() if a["version"] != number}
+
+        rewrite_tables(self.adapter_path(name), drop)
+        unreferenced = []
+        for sha, sha_db in sha_dbs.items():
+            sha_db.remove((Query().sha256 == sha) & (Query().name == name) & (Query().version == number))
+            if not sha_db.contains(Query().sha256 == sha):
+                unreferenced.append(sha)
+        if by_base is not None and not any((v.get("base") or {}).get("sha256") == base_sha for v in self.entry(name)[0]):
+            by_base.remove(Query().name == name)
+        return unreferenced
+
+    # ---- indexes --------------------------------------------------------------
+
+    def _sha_db(self, sha256: str) -> TinyDB:
+        return open_db(self.folder / "sha" / f"{sha256[:2]}.json")
+
+    def _by_base_db(self, base_sha: str) -> TinyDB:
+        return open_db(self.folder / "by-base" / f"{base_sha[:16]}.json")
+
+    def index(self, records: list[dict]) -> None:
+        """Index rows for records about to be stored: written before the records, so a reader never
+        finds a record its indexes miss (a row without its record is a harmless leftover)."""
+        by_shard: dict[str, list[dict]] = {}
+        by_base: dict[str, set[str]] = {}
+        for record in records:
+            for f in record["files"]:
+                by_shard.setdefault(f["sha256"][:2], []).append(
+                    {"sha256": f["sha256"], "name": record["name"], "version": record["version"], "file": f["name"]})
+            if record["base"]:
+                by_base.setdefault(record["base"]["sha256"], set()).add(record["name"])
+        for shard, rows in by_shard.items():
+            self._sha_db(shard).insert_multiple(rows)
+        for base_sha, names in by_base.items():
+            db = self._by_base_db(base_sha)
+            known = {d["name"] for d in db.all()}
+            db.insert_multiple({"name": n} for n in sorted(names - known))
+
+    def sha_rows(self, prefix: str, file: str) -> list[dict]:
+        """Index rows of `file`s whose sha256 starts with `prefix` (12+ hex digits)."""
+        return [dict(r) for r in self._sha_db(prefix).search(Query().sha256.test(lambda s: s.startswith(prefix))
+                                                               & (Query().file == file))]
+
+    def names_on_base(self, base_sha: str) -> set[str]:
+        return {d["name"] for d in self._by_base_db(base_sha).all()}
+
+    # ---- row files --------------------------------------------------------------
+
+    def rows(self, filename: str) -> list[dict]:
+        """Every row of a row file, each with its `doc_id`."""
+        return [{**d, "doc_id": d.doc_id} for d in open_db(self.folder / filename).all()]
+
+    def find(self, filename: str, **match) -> dict | None:
+        found = open_db(self.folder / filename).get(_where(match))
+        return dict(found) if found is not None else None
+
+    def insert(self, filename: str, row: dict) -> None:
+        open_db(self.folder / filename).insert(row)
+
+    def upsert(self, filename: str, row: dict, key: str) -> None:
+        open_db(self.folder / filename).upsert(row, Query()[key] == row[key])
+
+    def update(self, filename: str, fields: dict, **match) -> None:
+        open_db(self.folder / filename).update(fields, _where(match))
+
+    def remove(self, filename: str, doc_ids: list[int] | None = None, **match) -> None:
+        """Remove matching rows; a row file left empty is removed too (no file is no rows, and a command
+        that wrote then withdrew a row leaves the catalogue byte-identical)."""
+        db = open_db(self.folder / filename)
+        db.remove(doc_ids=doc_ids) if doc_ids is not None else db.remove(_where(match))
+        if not len(db):
+            (self.folder / filename).unlink(missing_ok=True)
+
+
+def _where(match: dict):
+    query = None
+    for key, value in match.items():
+        test = Query()[key] == value
+        query = test if query is None else query & test
+    return query

@@ -1,0 +1,128 @@
+"""Base models and datasets in a registry: fingerprinted, named, found again by path, name or hash.
+
+A part of `Registry` (it is mixed in): the registry holds the lock, the catalogue and the
+hash cache; this owns what a base and a dataset are to it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import naming
+from .errors import ConflictError, NotFoundError
+from .fingerprint import fingerprint_model
+from .records import now
+from .schemas import validate
+
+
+class BaseModels:
+    """Registration and resolution of base models and datasets (mixed into Registry)."""
+
+    def bases(self) -> list[dict]:
+        return sorted(self._rows("bases.json", "base_model"), key=lambda b: b["name"])
+
+    def bases_by_sha(self) -> dict[str, dict]:
+        """Registered bases by sha256, also under the hashes older formats gave them (records written then use those)."""
+        bases = self.bases()
+        found = {sha: b for b in bases for sha in b.get("previous_sha256", [])}
+        return found | {b["sha256"]: b for b in bases}
+
+    def _rows(self, filename: str, schema: str) -> list[dict]:
+        """Every row of a catalogue file, each checked against its schema: a hand-edited row is named, not tripped over."""
+        self._require()
+        rows = [{k: v for k, v in row.items() if k != "doc_id"} for row in self.catalogue.rows(filename)]
+        for row in rows:
+            validate(row, schema, what=f"{self.catalog / filename} row {row.get('name', row.get('id'))!r}")
+        return rows
+
+    def base(self, name_or_sha: str) -> dict:
+        """A registered base by name or sha256 prefix (12+ characters)."""
+        key = name_or_sha.lower()
+        matches = [b for b in self.bases() if b["name"] == key or (len(key) >= 12 and b["sha256"].startswith(key))]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise NotFoundError(f"'{name_or_sha}' matches {len(matches)} bases", hint="give a longer sha256 prefix")
+        known = ", ".join(b["name"] for b in self.bases()[:10]) or "none yet"
+        raise NotFoundError(f"no base model '{name_or_sha}' (registered: {known})",
+                            hint=f"give a model folder path, or register it with 'adapterhub base add PATH --name {name_or_sha}'")
+
+    def _fingerprint(self, path: Path, reread: bool = False) -> dict:
+        from .fingerprint import weight_files
+
+        total = sum(p.stat().st_size for p in weight_files(path)) if Path(path).is_dir() else 0
+        with self._progress(f"fingerprinting {Path(path).name}", total) as advance:
+            return fingerprint_model(path, self._hash_cache, reread, advance)
+
+    def resolve_base(self, path_or_name: str | Path, reread: bool = False) -> tuple[dict, dict | None]:
+        """A base given as a folder path or a registered name -> (fingerprint, registered record or None)."""
+        from . import hf
+
+        path = Path(path_or_name).expanduser()
+        repo_id = None
+        if not path.is_dir() and hf.is_repo_id(str(path_or_name)):
+            # A Hub repo id: its snapshot in the local Hugging Face cache, whose blob names are the sha256s.
+            repo_id, path = str(path_or_name), hf.cached_snapshot(str(path_or_name))
+        if path.is_dir():
+            fp = {**self._fingerprint(path, reread), "hf_repo": repo_id}
+            known = [b for b in self.bases() if b["sha256"] == fp["sha256"]]
+            return fp, known[0] if known else None
+        if os.sep in str(path_or_name) or str(path_or_name).startswith("."):
+            raise NotFoundError(f"model folder {path} does not exist", hint="give a local model folder or a registered base name")
+        record = self.base(str(path_or_name))
+        return record, record
+
+    def add_base(self, path: Path | str, name: str | None = None, reread: bool = False) -> tuple[dict, bool]:
+        """Fingerprint and register a base model; returns (record, created)."""
+        fp, existing = self.resolve_base(Path(path), reread)
+        if existing:
+            if name and name != existing["name"]:
+                raise ConflictError(f"this model is already registered as base '{existing['name']}'",
+                                    hint=f"use --base {existing['name']}")
+            return existing, False
+        with self._transaction():
+            return self._register_base(fp, name, Path(path)), True
+
+    def _register_base(self, fp: dict, name: str | None, path: Path) -> dict:
+        """Under the lock: the base row for a fingerprint, registered unless it already is."""
+        same = self.catalogue.find("bases.json", sha256=fp["sha256"])
+        if same:
+            return same
+        taken = {b["name"] for b in self.catalogue.rows("bases.json")}
+        if name:
+            naming.check_name(name)
+            if name in taken:
+                raise ConflictError(f"base name '{name}' is taken by another model", hint="choose another --name")
+        else:
+            name = unique_name(naming.suggest_name(path.resolve().name), taken)
+        record = {**fp, "name": name, "hf_repo": fp.get("hf_repo"), "created_at": now()}
+        validate(record, "base_model")
+        self.catalogue.insert("bases.json", record)
+        return record
+
+    def datasets(self) -> list[dict]:
+        return self._rows("datasets.json", "dataset")
+
+    def _register_dataset(self, fp: dict, path: Path) -> dict:
+        """Under the lock: the dataset row for a fingerprint, registered unless it already is."""
+        same = self.catalogue.find("datasets.json", sha256=fp["sha256"])
+        if same:
+            return same
+        name = unique_name(naming.suggest_name(path.resolve().name), {d["name"] for d in self.catalogue.rows("datasets.json")})
+        record = {**fp, "name": name, "created_at": now()}
+        validate(record, "dataset")
+        self.catalogue.insert("datasets.json", record)
+        return record
+
+    def dataset_name_for(self, fingerprint: dict, path: Path) -> str:
+        """The registered name of a dataset, or the one it would get."""
+        known = next((d for d in self.datasets() if d["sha256"] == fingerprint["sha256"]), None)
+        return known["name"] if known else naming.suggest_name(Path(path).resolve().name)
+
+
+def unique_name(name: str, taken: set[str]) -> str:
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    return candidate
