@@ -46,7 +46,8 @@ class BaseModels:
             raise NotFoundError(f"'{name_or_sha}' matches {len(matches)} bases", hint="give a longer sha256 prefix")
         known = ", ".join(b["name"] for b in self.bases()[:10]) or "none yet"
         raise NotFoundError(f"no base model '{name_or_sha}' (registered: {known})",
-                            hint=f"give a model folder path, or register it with 'adapterhub base add PATH --name {name_or_sha}'")
+                            hint=f"give a model folder path, or register it with 'adapterhub base add PATH --name {name_or_sha}'",
+                            kind="base", key=name_or_sha)
 
     def _fingerprint(self, path: Path, reread: bool = False) -> dict:
         from .fingerprint import weight_files

@@ -26,9 +26,20 @@ class AdapterHubError(Exception):
 
 
 class NotFoundError(AdapterHubError, KeyError):
-    """A ref, base, dataset or file that does not exist."""
+    """A ref, base, dataset or file that does not exist.
+
+    Args:
+        kind: what was looked for ("adapter", "version", "base", "run", "registry", ...), so callers
+            tell misses apart without parsing messages.
+        key: the name, ref or path that was looked for.
+    """
 
     __str__ = AdapterHubError.__str__
+
+    def __init__(self, message: str, hint: str | None = None, kind: str | None = None, key: object = None):
+        super().__init__(message, hint)
+        self.kind = kind
+        self.key = key
 
 
 class InvalidNameError(AdapterHubError, ValueError):
@@ -44,7 +55,11 @@ class UnsafeFormatError(InvalidAdapterError):
 
 
 class IncompatibleError(AdapterHubError):
-    """An adapter that does not fit a base model."""
+    """An adapter that does not fit a base model; `report` is the compatibility report, when there is one."""
+
+    def __init__(self, message: str, hint: str | None = None, report: object = None):
+        super().__init__(message, hint)
+        self.report = report
 
 
 class CorruptRegistryError(AdapterHubError):

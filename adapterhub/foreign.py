@@ -49,11 +49,8 @@ class ForeignFolders:
         """Whether `folder`'s adapters.safetensors holds exactly the tensors of the version `origin` names."""
         from .safetensors_io import read_bits
 
-        try:
-            version = self.resolve(origin["ref"])
-        except AdapterHubError:
-            return False
-        if version.sha256 != origin["sha256"]:
+        version = self.find(origin["ref"])
+        if version is None or version.sha256 != origin["sha256"]:
             return False
         ours, theirs = read_header(folder / mlx_format.WEIGHTS_FILE), read_header(self.objects.path(version.sha256))
         if ours.structure() != theirs.structure():

@@ -164,10 +164,7 @@ class Walker:
         return self.adapter(version)
 
     def _version(self, ref: str) -> AdapterVersion | None:
-        try:
-            return self.registry.resolve(ref)
-        except AdapterHubError:
-            return None
+        return self.registry.find(ref)
 
     def base(self, ref: dict) -> Node:
         known = self._bases.get(ref["sha256"])

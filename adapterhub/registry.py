@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterator
 
 from . import compat, naming
-from .errors import ConflictError, CorruptRegistryError, IncompatibleError, NotFoundError
+from .errors import ConflictError, CorruptRegistryError, IncompatibleError, InvalidNameError, NotFoundError
 from .fingerprint import HashCache, fingerprint_dataset
 from .formats import mlx as mlx_format
 from .migrations import FORMAT, upgrade
@@ -103,7 +103,8 @@ class Registry(BaseModels, TrainingRuns, Outputs, ForeignFolders):
     def _marker(self) -> dict:
         marker = read_json(self.root / "registry.json")
         if marker is None:
-            raise NotFoundError(f"no registry at {self.root}", hint=f"run 'adapterhub init {self.root}'")
+            raise NotFoundError(f"no registry at {self.root}", hint=f"run 'adapterhub init {self.root}'",
+                                kind="registry", key=self.root)
         validate(marker, "registry", what=str(self.root / "registry.json"))
         return marker
 
@@ -154,27 +155,39 @@ class Registry(BaseModels, TrainingRuns, Outputs, ForeignFolders):
             gone = removed[parsed.version]
             raise NotFoundError(f"{parsed.name}@{parsed.version} was removed at {gone['removed_at']} "
                                 f"(it was sha256 {gone['sha256'][:12]}); its number is never reused",
-                                hint=f"run 'adapterhub list --name {parsed.name}' for the versions that remain")
+                                hint=f"run 'adapterhub list --name {parsed.name}' for the versions that remain",
+                                kind="removed-version", key=ref)
         if versions:
             latest = max(v["version"] for v in versions)
             wanted = parsed.version if parsed.version is not None else (aliases.get(parsed.alias) if parsed.alias else latest)
             if parsed.alias and wanted is None:
                 known = ", ".join(sorted(aliases)) or "none"
                 raise NotFoundError(f"adapter '{parsed.name}' has no alias '{parsed.alias}' (aliases: {known})",
-                                    hint=f"run 'adapterhub show {parsed.name}'")
+                                    hint=f"run 'adapterhub show {parsed.name}'", kind="alias", key=ref)
             for v in versions:
                 if v["version"] == wanted:
                     return self._version_obj(v, aliases)
             raise NotFoundError(f"adapter '{parsed.name}' has no version {wanted} (latest is {latest})",
-                                hint=f"run 'adapterhub list --name {parsed.name}'")
+                                hint=f"run 'adapterhub list --name {parsed.name}'", kind="version", key=ref)
         if parsed.sha_prefix:
             found = self._by_sha_prefix(parsed.sha_prefix)
             if len(found) == 1:
                 return found[0]
             if len(found) > 1:
                 raise NotFoundError(f"sha256 prefix '{parsed.sha_prefix}' matches {len(found)} versions: "
-                                    + ", ".join(v.ref for v in found[:5]), hint="give a longer prefix or NAME@VERSION")
-        raise NotFoundError(f"no adapter '{ref}'", hint="run 'adapterhub list' to see what is registered")
+                                    + ", ".join(v.ref for v in found[:5]), hint="give a longer prefix or NAME@VERSION",
+                                    kind="ambiguous-sha", key=ref)
+        raise NotFoundError(f"no adapter '{ref}'", hint="run 'adapterhub list' to see what is registered", kind="adapter", key=ref)
+
+    def find(self, ref: str) -> AdapterVersion | None:
+        """The version `ref` names, or None when there is none. Damage (a corrupt catalogue file, a lock
+        timeout) still raises: only "not there" is an answer a caller may take quietly."""
+        try:
+            return self.resolve(ref)
+        except (NotFoundError, InvalidNameError) as e:
+            if getattr(e, "kind", None) == "ambiguous-sha":
+                raise
+            return None
 
     def _by_sha_prefix(self, prefix: str) -> list[AdapterVersion]:
         found = {}
@@ -252,7 +265,7 @@ class Registry(BaseModels, TrainingRuns, Outputs, ForeignFolders):
                                   hidden_size=(parsed.loreft or {}).get("hidden_size"))
             if not report.compatible:
                 raise IncompatibleError(f"adapter {Path(folder)} does not fit base {base}: " + "; ".join(report.problems[:3]),
-                                        hint="check --base; it must be the model the adapter was trained on")
+                                        hint="check --base; it must be the model the adapter was trained on", report=report)
         if parent_version and base_fp and parent_version.record.get("base") and parent_version.record["base"]["structure_sha256"] != base_fp["structure_sha256"]:
             raise IncompatibleError(f"parent {parent_version.ref} was trained on a different base model structure",
                                     hint="a parent must share the base model")

@@ -34,7 +34,7 @@ class TrainingRuns:
     def run(self, run_id: str) -> dict:
         found = self.catalogue.find(RUNS, id=run_id)
         if found is None:
-            raise NotFoundError(f"no training run '{run_id}'", hint="run 'adapterhub runs' to list them")
+            raise NotFoundError(f"no training run '{run_id}'", hint="run 'adapterhub runs' to list them", kind="run", key=run_id)
         return found
 
     def runs(self, status: str | None = None) -> list[dict]:

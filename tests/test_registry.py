@@ -225,3 +225,18 @@ def test_registry_is_created_on_first_write(tmp_path, lora_adapter):
     assert not registry.initialized
     registry.import_adapter(lora_adapter, "stories")
     assert registry.initialized and registry.verify().ok
+
+
+def test_find_answers_none_for_a_miss_but_never_hides_damage(registry, lora_adapter):
+    from adapterhub.errors import CorruptRegistryError, NotFoundError
+
+    registry.import_adapter(lora_adapter, "stories")
+    assert registry.find("stories@1").ref == "stories@1"
+    assert registry.find("stories@7") is None and registry.find("ghost") is None and registry.find("stories@0") is None
+    with pytest.raises(NotFoundError) as missing:
+        registry.resolve("stories@7")
+    assert (missing.value.kind, missing.value.key) == ("version", "stories@7")
+    path = registry.catalog / "adapters" / "stories.json"
+    path.write_text(path.read_text()[:10])
+    with pytest.raises(CorruptRegistryError):
+        registry.find("stories@1")
