@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
 import tempfile
 from pathlib import Path
 
 from .errors import AdapterHubError, IncompatibleError
+from . import ranges
 
 
 def load_loreft(registry, version, model):
@@ -24,9 +24,7 @@ def generate(registry, ref: str, base: str | None, prompt: str, max_tokens: int 
              allow_different_weights: bool = False) -> dict:
     """Load base + adapter with mlx-lm and generate greedily; returns {ref, base, prompt, text}."""
     # Before the model loads: mlx-lm fails on zero or negative lengths with an error about its internals.
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 1:
-        raise AdapterHubError(f"--max-tokens must be a whole number of at least 1, got {max_tokens!r}",
-                              hint="pass e.g. --max-tokens 100")
+    ranges.require("--max-tokens", max_tokens, ranges.COUNT, hint="pass e.g. --max-tokens 100")
     version = registry.resolve(ref)
     if base is None:
         recorded = version.record.get("base")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AdapterHubError, IncompatibleError
+from .. import ranges
 from ..fingerprint import weight_files
 from ..safetensors_io import read_bits, read_header, read_tensor
 from ..store import read_json
@@ -62,8 +62,7 @@ def _padded(lora_a: np.ndarray, lora_b: np.ndarray, error: float, rank: int) -> 
 def extract(registry, base: str, fused_dir: Path, rank: int, name: str, tags: dict | None = None,
             description: str | None = None):
     """Register the best rank-R LoRA that turns `base` into `fused_dir`; returns (version, report)."""
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-        raise AdapterHubError(f"--rank must be a whole number of at least 1, got {rank!r}", hint="pass e.g. --rank 16")
+    ranges.require("--rank", rank, ranges.COUNT, hint="pass e.g. --rank 16")
     fused_dir = Path(fused_dir)
     base_fp, _ = registry.resolve_base(base)
     base_path = Path(base_fp["path"])

@@ -8,8 +8,6 @@ approximation (cross terms); svd factors the exact weighted sum to rank R.
 
 from __future__ import annotations
 
-import math
-import numbers
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AdapterHubError, IncompatibleError
+from .. import ranges
 from .fuse import refuse_related
 from .lowrank import truncated, write_mlx_adapter
 
@@ -78,12 +77,10 @@ def stack(registry, refs: list[str], name: str, weights: list[float] | None = No
     if method not in METHODS:
         raise AdapterHubError(f"unknown stack method '{method}'", hint=f"use one of {', '.join(METHODS)}")
     # Checked before anything is read: numpy would take a negative rank as "all but the last few".
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
-        raise AdapterHubError(f"--rank must be a whole number of at least 1, got {rank!r}", hint="pass e.g. --rank 16")
+    if rank is not None:
+        ranges.require("--rank", rank, ranges.COUNT, hint="pass e.g. --rank 16")
     for w in weights or ():
-        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
-            raise AdapterHubError(f"stack weights must be finite numbers, got {w!r}",
-                                  hint="give one finite weight per adapter, e.g. --weights 0.5,1")
+        ranges.require("--weights", w, ranges.WEIGHT, floating=True, hint="give one finite weight per adapter, e.g. --weights 0.5,1")
     versions = [registry.resolve(r) for r in refs]
     if len(versions) < 2:
         raise AdapterHubError("stack needs at least two adapters", hint="list two or more refs")

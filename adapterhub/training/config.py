@@ -7,9 +7,9 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import NamedTuple
 
 from ..errors import AdapterHubError, IncompatibleError
+from ..ranges import Range, problem
 
 MLX_LM_LEARNING_RATE = 1e-5
 # mlx-lm's 1e-5 barely moves a LoReFT edit in a hundred steps; pyreft's examples train with 9e-4 to 4e-3.
@@ -17,18 +17,6 @@ LOREFT_LEARNING_RATE = 4e-3
 # mlx-lm's default --num-layers: the last 16 decoder layers, or all of a model that has fewer.
 DEFAULT_NUM_LAYERS = 16
 ALL = -1  # --num-layers -1 / --val-batches -1: every layer / the whole validation set, as in mlx-lm
-
-
-class Range(NamedTuple):
-    """Allowed values of a numeric option: min <= x <= max (x < max when max_open); None is unbounded.
-
-    `also` is one value outside the range that means something of its own (-1: all).
-    """
-
-    min: float | None
-    max: float | None
-    max_open: bool = False
-    also: int | None = None
 
 
 # Seeds go to numpy, which takes 0 <= seed + step < 2**32; both halves stay below 2**31.
@@ -61,31 +49,7 @@ def option_name(name: str) -> str:
 
 def range_problem(name: str, value) -> str | None:
     """Why `value` is not allowed for the numeric option `name`, or None when it is."""
-    allowed = RANGES[name]
-    flag = option_name(name)
-    if name in FLOAT_OPTIONS:
-        # bool is an int to Python, but `--scale true` is a mistake, not 1.0.
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"{flag} must be a number, got {value!r}"
-        if not math.isfinite(value):
-            return f"{flag} must be a finite number, got {value!r}"
-    elif isinstance(value, bool) or not isinstance(value, int):
-        return f"{flag} must be a whole number, got {value!r}"
-    if allowed.also is not None and value == allowed.also:
-        return None
-    low = allowed.min is not None and value < allowed.min
-    high = allowed.max is not None and (value >= allowed.max if allowed.max_open else value > allowed.max)
-    if not (low or high):
-        return None
-    if allowed.min is not None and allowed.max is not None and name in FLOAT_OPTIONS:
-        wanted = f"in [{allowed.min}, {allowed.max}{')' if allowed.max_open else ']'}"
-    elif low:
-        wanted = f"at least {allowed.min}"
-    else:
-        wanted = f"{'below' if allowed.max_open else 'at most'} {allowed.max}"
-    if allowed.also is not None:
-        wanted += f", or {allowed.also} for all"
-    return f"{flag} must be {wanted} (got {value!r})"
+    return problem(option_name(name), value, RANGES[name], name in FLOAT_OPTIONS)
 
 
 @dataclass(frozen=True)
