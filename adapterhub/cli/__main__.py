@@ -1,0 +1,5 @@
+"""`python -m adapterhub.cli`, as the demo and the tests run it."""
+
+from . import main
+
+main()

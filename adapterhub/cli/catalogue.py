@@ -1,0 +1,242 @@
+"""The catalogue: init, base add/list/show, import, list, show, check, alias, tag, rm, verify."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import AdapterHubError
+from ..records import AdapterVersion, unapplied
+from ..registry import Registry
+from .context import Context, parse_tags, pass_ctx
+
+
+def _version_line(v: AdapterVersion) -> str:
+    base = (v.record.get("base") or {}).get("name") or "-"
+    aliases = ",".join(v.aliases) or "-"
+    tags = ",".join(f"{k}={val}" for k, val in sorted(v.record["tags"].items())) or "-"
+    return f"{v.ref:<32} {v.record['kind']:<6} {v.record['rank']:>4}  {base:<24} {aliases:<12} {tags:<20} {v.record['created_at']}"
+
+
+def _show_text(v: AdapterVersion) -> str:
+    r = v.record
+    base, data = r.get("base"), r.get("dataset")
+    lines = [
+        f"{v.ref}  ({r['kind']}, rank {r['rank']}, scale {r['scale']:g})",
+        f"  sha256     {r['sha256']}",
+        f"  targets    {', '.join(r['targets'])}",
+        f"  layers     {r['num_layers']} ({', '.join(map(str, r['layers']))})",
+        f"  parameters {r.get('num_parameters', 0):,} ({r.get('dtype', '?')})",
+        f"  base       {base['name'] + '  ' + base['sha256'][:12] + '  (' + str(base['model_type']) + ')' if base else 'unknown'}",
+        f"  dataset    {data['name'] + '  ' + data['sha256'][:12] + '  ' + json.dumps(data['examples']) if data else '-'}",
+    ]
+    if r.get("loreft"):
+        lf = r["loreft"]
+        lines.append(f"  loreft     positions {lf['positions']}, {lf['interventions']} intervention(s) per layer"
+                     f"{' (shared)' if lf['share_weights'] else ''}, {lf['activation']}, hidden size {lf['hidden_size']}")
+    for p in r["parents"]:
+        lines.append(f"  parent     {p['relation']} {p['ref']}  {p['sha256'][:12]}")
+    if v.aliases:
+        lines.append(f"  aliases    {', '.join(v.aliases)}")
+    if r["tags"]:
+        lines.append(f"  tags       {', '.join(f'{k}={val}' for k, val in sorted(r['tags'].items()))}")
+    if r.get("training"):
+        hp = r["training"].get("hyperparameters") or {}
+        shown = {k: hp[k] for k in ("iters", "batch_size", "learning_rate", "optimizer", "seed") if k in hp}
+        lines.append(f"  training   {r['training'].get('tool')}: {', '.join(f'{k}={val}' for k, val in shown.items())}")
+    if r.get("description"):
+        lines.append(f"  about      {r['description']}")
+    lines.append(f"  created    {r['created_at']}")
+    return "\n".join(lines)
+
+
+def _base_dict(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "tensors"} | {"num_tensors": len(record["tensors"])}
+
+
+@click.command()
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+@pass_ctx
+def init(ctx: Context, path: Path | None) -> None:
+    """Create a registry (at PATH, else the --registry / default one)."""
+    registry = Registry(path) if path else ctx.registry
+    created = registry.init()
+    ctx.emit({"path": str(registry.root), "created": created},
+             f"{'created' if created else 'already a registry:'} {registry.root}")
+
+
+@click.group()
+def base() -> None:
+    """Register and inspect base models."""
+
+
+@base.command("add")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--name", help="Name for the base (default: from the folder name).")
+@click.option("--verify", "reread", is_flag=True, help="Re-read every file instead of trusting caches.")
+@pass_ctx
+def base_add(ctx: Context, path: Path, name: str | None, reread: bool) -> None:
+    """Fingerprint and register a base model folder."""
+    record, created = ctx.registry.add_base(path, name, reread)
+    size = sum(f["size"] for f in record["files"])
+    ctx.emit(_base_dict(record), f"{'registered' if created else 'already registered:'} base {record['name']}  "
+             f"{record['sha256'][:12]}  ({record['model_type']}, {len(record['files'])} files, {size / 1e6:.1f} MB)")
+
+
+@base.command("list")
+@pass_ctx
+def base_list(ctx: Context) -> None:
+    """List registered base models."""
+    bases = ctx.registry.bases()
+    ctx.emit([_base_dict(b) for b in bases], "\n".join(
+        f"{b['name']:<28} {b['sha256'][:12]}  {str(b['model_type']):<10} {b['config']['num_hidden_layers']} layers  {b['path']}"
+        for b in bases) or "no base models registered")
+
+
+@base.command("show")
+@click.argument("name_or_sha")
+@pass_ctx
+def base_show(ctx: Context, name_or_sha: str) -> None:
+    """Show one base model's fingerprint."""
+    b = ctx.registry.base(name_or_sha)
+    q = b["config"]["quantization"]
+    ctx.emit(_base_dict(b), "\n".join([
+        f"{b['name']}  ({b['model_type']}, {b['config']['num_hidden_layers']} layers, hidden {b['config']['hidden_size']}"
+        + (f", {q['bits']}-bit" if q else "") + ")",
+        f"  sha256           {b['sha256']}",
+        f"  structure_sha256 {b['structure_sha256']}",
+        f"  path             {b['path']}",
+        *[f"  {f['name']:<40} {f['sha256'][:12]}  {f['size']:,} bytes" for f in b["files"]],
+    ]))
+
+
+@click.command("import")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="Adapter name; the import becomes its next version.")
+@click.option("--base", "base_", help="Base model folder or registered base name.")
+@click.option("--dataset", type=click.Path(path_type=Path), help="Dataset folder it was trained on.")
+@click.option("--parent", help="Ref of the version it was trained from.")
+@click.option("--relation", default="resumed-from", show_default=True,
+              type=click.Choice(["resumed-from", "stacked-from", "fused-from", "extracted-from", "imported-from"]))
+@click.option("--checkpoint", help="Import this checkpoint file (e.g. 0000100_adapters.safetensors) instead.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Tag the version (repeatable).")
+@click.option("--description", help="One line about the adapter.")
+@pass_ctx
+def import_(ctx: Context, folder: Path, name: str, base_: str | None, dataset: Path | None, parent: str | None,
+            relation: str, checkpoint: str | None, tags: tuple[str, ...], description: str | None) -> None:
+    """Register an mlx-lm adapter folder as a new version."""
+    version, created = ctx.registry.import_adapter(folder, name, base_, dataset, parent, relation,
+                                                   parse_tags(tags), description, checkpoint)
+    ignored = unapplied(version, created, parse_tags(tags), description)
+    ctx.emit(version.to_dict() | {"created": created, "not_applied": ignored},
+             f"{'imported' if created else 'already registered:'} {version.ref}  {version.sha256[:12]}  "
+             f"({version.record['kind']}, rank {version.record['rank']}, {version.record['num_layers']} layers)")
+    if ignored and not ctx.quiet:
+        how = [f"adapterhub tag {version.ref} {k}={v}" for k, v in ignored.get("tags", {}).items()]
+        click.echo(f"note: {', '.join(ignored)} not applied: {version.ref} already holds these weights"
+                   + (f" — run {'; '.join(how)}" if how else " — a version's description is fixed when it is created"),
+                   err=True)
+
+
+@click.command("list")
+@click.option("--base", "base_", help="Only versions on this base (name or sha256).")
+@click.option("--kind", type=click.Choice(["lora", "dora", "loreft"]))
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE")
+@click.option("--name", "name_glob", metavar="GLOB", help="Only names matching this glob.")
+@pass_ctx
+def list_(ctx: Context, base_: str | None, kind: str | None, tags: tuple[str, ...], name_glob: str | None) -> None:
+    """List adapter versions."""
+    versions = ctx.registry.list(base_, kind, parse_tags(tags), name_glob)
+    header = f"{'REF':<32} {'KIND':<6} {'RANK':>4}  {'BASE':<24} {'ALIASES':<12} {'TAGS':<20} CREATED"
+    ctx.emit([v.to_dict() for v in versions],
+             "\n".join([header] + [_version_line(v) for v in versions]) if versions else "no adapters match")
+
+
+@click.command()
+@click.argument("ref")
+@pass_ctx
+def show(ctx: Context, ref: str) -> None:
+    """Show one adapter version."""
+    version = ctx.registry.resolve(ref)
+    ctx.emit(version.to_dict(), _show_text(version))
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--base", "base_", required=True, help="Base model folder or registered base name.")
+@click.option("--allow-different-weights", is_flag=True, help="Accept the same structure with other weights.")
+@pass_ctx
+def check(ctx: Context, ref: str, base_: str, allow_different_weights: bool) -> None:
+    """Check that an adapter fits a base model; exit 1 when it does not."""
+    report = ctx.registry.check(ref, base_, allow_different_weights)
+    ctx.emit(report.to_dict(), report.summary())
+    if not report.compatible:
+        raise AdapterHubError(f"{report.adapter} is not compatible with {report.base}: {report.problems[0]}",
+                              hint="see the report above" if not ctx.as_json else "see the JSON report")
+
+
+@click.command()
+@click.argument("ref")
+@click.argument("alias_name", metavar="ALIAS")
+@pass_ctx
+def alias(ctx: Context, ref: str, alias_name: str) -> None:
+    """Point NAME@ALIAS at a version (aliases move)."""
+    version = ctx.registry.alias(ref, alias_name)
+    ctx.emit(version.to_dict(), f"{version.name}@{alias_name} -> {version.ref}")
+
+
+@click.command()
+@click.argument("ref")
+@click.argument("pair", metavar="KEY=VALUE")
+@pass_ctx
+def tag(ctx: Context, ref: str, pair: str) -> None:
+    """Set a tag on a version."""
+    ((key, value),) = parse_tags((pair,)).items()
+    version = ctx.registry.tag(ref, key, value)
+    ctx.emit(version.to_dict(), f"{version.ref}: {key}={value}")
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--force", is_flag=True, help="Remove even when other versions name it as parent.")
+@pass_ctx
+def rm(ctx: Context, ref: str, force: bool) -> None:
+    """Remove a version."""
+    version = ctx.registry.remove(ref, force)
+    ctx.emit({"removed": version.ref, "sha256": version.sha256}, f"removed {version.ref}")
+
+
+@click.command()
+@click.option("--repair", is_flag=True,
+              help="First remove what interrupted writes left: orphan blobs, temporary files, staging folders, stale index rows.")
+@pass_ctx
+def verify(ctx: Context, repair: bool) -> None:
+    """Check the whole registry: records, blobs, references, lineage. Exit 1 on any problem."""
+    repaired = ctx.registry.repair() if repair else None
+    if repaired and not ctx.as_json:
+        removed = [f"{len(items)} {kind}" for kind, items in repaired.removed.items()]
+        ctx.emit(None, f"repaired: removed {', '.join(removed)}" if removed else "repaired: nothing to remove")
+    report = ctx.registry.verify()
+    counts = ", ".join(f"{n} {k}" for k, n in report.checked.items())
+    ctx.emit(report.to_dict() | ({"repaired": repaired.to_dict()} if repaired else {}), "\n".join(
+        [f"{'ok' if report.ok else 'FAILED'}: {ctx.registry.root} ({counts or 'nothing checked'})"]
+        + [f"  ✗ {p}" for p in report.problems] + [f"  · {n}" for n in report.notes]))
+    if not report.ok:
+        raise AdapterHubError(f"the registry at {ctx.registry.root} has {len(report.problems)} problem(s)",
+                              hint="see the report above; restore the damaged files or remove the broken versions")
+
+
+@click.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("demo-work"), show_default=True,
+              help="Where the tiny model, data and adapters are built.")
+@pass_ctx
+def demo(ctx: Context, workdir: Path) -> None:
+    """Run the whole lifecycle on a tiny local model."""
+    from ..demo import run_demo
+
+    run_demo(ctx.registry.root, workdir, quiet=ctx.quiet)
+
+
+COMMANDS = [init, base, import_, list_, show, check, alias, tag, rm, verify, demo]

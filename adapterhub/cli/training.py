@@ -1,0 +1,209 @@
+"""Training: train, runs, checkpoints list/prune/promote, and generate with a trained version."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from .context import COUNT, Context, parse_tags, pass_ctx, train_number
+
+
+@contextmanager
+def _training_reporter(ctx: Context, iters: int):
+    """A progress bar with loss, tokens/s and ETA on a terminal; plain report lines otherwise; nothing when quiet."""
+    if ctx.quiet or ctx.as_json:
+        yield lambda event: None
+        return
+    if not sys.stderr.isatty():
+        def line(event: dict) -> None:
+            if event["event"] == "train":
+                click.echo(f"step {event['step']}/{event['iters']}: train loss {event['train_loss']:.4f}, "
+                           f"{event['tokens_per_second']:.0f} tok/s, lr {event['learning_rate']:.2e}", err=True)
+            elif event["event"] == "val":
+                click.echo(f"step {event['step']}: validation loss {event['val_loss']:.4f}", err=True)
+            elif event["event"] == "checkpoint":
+                removed = f" (pruned {', '.join(map(str, event['removed']))})" if event["removed"] else ""
+                click.echo(f"step {event['step']}: checkpoint saved in {event['seconds']:.3f} s{removed}", err=True)
+            elif event["event"] == "resumed":
+                click.echo(f"resumed at step {event['step']}", err=True)
+            elif event["event"] == "test":
+                click.echo(f"test loss {event['test_loss']:.4f}, perplexity {event['test_perplexity']:.2f}", err=True)
+        yield line
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                  TimeRemainingColumn(), transient=False) as bar:
+        task = bar.add_task("train", total=iters, status="")
+        last = {"val": ""}
+
+        def update(event: dict) -> None:
+            if event["event"] == "val":
+                last["val"] = f"val {event['val_loss']:.3f}"
+            if event["event"] in ("train", "resumed"):
+                status = (f"loss {event['train_loss']:.3f} · {event['tokens_per_second']:.0f} tok/s"
+                          if event["event"] == "train" else "")
+                bar.update(task, completed=event["step"], status=f"{status} {last['val']}")
+        yield update
+
+
+@click.command()
+@click.option("--base", "base_", help="Base model folder or registered base name.")
+@click.option("--data", type=click.Path(path_type=Path), help="Folder with train.jsonl / valid.jsonl / test.jsonl.")
+@click.option("--name", help="Adapter name; the result becomes its next version.")
+@click.option("--from", "from_ref", help="Continue from this version's weights (chained training).")
+@click.option("--kind", type=click.Choice(["lora", "dora", "loreft"]))
+@click.option("--rank", type=train_number("rank"))
+@click.option("--scale", type=train_number("scale"))
+@click.option("--dropout", type=train_number("dropout"))
+@click.option("--num-layers", type=train_number("num_layers"))
+@click.option("--iters", type=train_number("iters"))
+@click.option("--batch-size", type=train_number("batch_size"))
+@click.option("--learning-rate", type=train_number("learning_rate"),
+              help="Learning rate (default 1e-5 as in mlx-lm; 4e-3 for --kind loreft, in pyreft's range).")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]))
+@click.option("--max-seq-length", type=train_number("max_seq_length"))
+@click.option("--grad-accumulation-steps", type=train_number("grad_accumulation_steps"))
+@click.option("--mask-prompt", is_flag=True, default=None)
+@click.option("--seed", type=train_number("seed"))
+@click.option("--val-batches", type=train_number("val_batches"))
+@click.option("--steps-per-eval", type=train_number("steps_per_eval"))
+@click.option("--steps-per-report", type=train_number("steps_per_report"))
+@click.option("--save-every", type=train_number("save_every"))
+@click.option("--keep-last", type=train_number("keep_last"), help="Keep the newest K checkpoints (default 3).")
+@click.option("--keep-best", type=train_number("keep_best"), help="Keep the best M checkpoints by validation loss (default 1).")
+@click.option("--keep-every", type=train_number("keep_every"), help="Also keep every P-th step.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML options, as mlx_lm.lora reads them.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE")
+@click.option("--layers", help="LoReFT: decoder layers to intervene on, e.g. '8;16', or all.")
+@click.option("--positions", help="LoReFT: prompt positions in pyreft's notation (default f1+l1: first and last token).")
+@click.option("--share-weights", is_flag=True, default=None, help="LoReFT: one intervention for first and last positions.")
+@click.option("--activation", type=click.Choice(["linear", "relu", "gelu", "tanh", "silu"]), help="LoReFT: on W h + b (default linear).")
+@click.option("--resume", "resume_id", metavar="RUN_ID", help="Continue an interrupted run exactly.")
+@pass_ctx
+def train(ctx: Context, config_file: Path | None, tags: tuple[str, ...], resume_id: str | None, base_: str | None,
+          data: Path | None, **options) -> None:
+    """Train a new adapter version with the bundled MLX trainer."""
+    from ..training import trainer
+    from ..training.config import merge
+
+    if resume_id:
+        record = ctx.registry.run(resume_id)
+        with _training_reporter(ctx, record["iters"]) as report:
+            version = trainer.resume(ctx.registry, resume_id, report)
+    else:
+        cli_options = dict(options, base=base_, data=str(data) if data else None, tags=parse_tags(tags) or None)
+        config = merge(cli_options, config_file)
+        with _training_reporter(ctx, config.iters) as report:
+            version = trainer.train(ctx.registry, config, report)
+    losses = version.record["training"]["losses"]
+    val = losses.get("val") or []
+    change = f", validation loss {val[0][1]:.4f} -> {val[-1][1]:.4f}" if len(val) > 1 else ""
+    ctx.emit(version.to_dict(), f"trained {version.ref}  {version.sha256[:12]}  (run {version.record['training']['run_id']}{change})")
+
+
+@click.command()
+@click.option("--status", type=click.Choice(["running", "interrupted", "finished", "failed"]))
+@pass_ctx
+def runs(ctx: Context, status: str | None) -> None:
+    """Training runs: id, name, status, step, iters, started."""
+    found = ctx.registry.runs(status)
+    header = f"{'ID':<44} {'NAME':<24} {'STATUS':<12} {'STEP':>6} {'ITERS':>6}  STARTED"
+    ctx.emit(found, "\n".join([header] + [f"{r['id']:<44} {r['name']:<24} {r['status']:<12} {r['step']:>6} {r['iters']:>6}  "
+                                          f"{r['started_at']}" for r in found]) if found else "no training runs")
+
+
+@click.group("checkpoints")
+def checkpoints_group() -> None:
+    """List, prune and promote a run's checkpoints."""
+
+
+def _run_dir(ctx: Context, run_id: str) -> tuple[dict, Path]:
+    record = ctx.registry.run(run_id)
+    return record, Path(record["dir"])
+
+
+@checkpoints_group.command("list")
+@click.argument("run_id")
+@pass_ctx
+def checkpoints_list(ctx: Context, run_id: str) -> None:
+    """Step, losses and why each checkpoint is kept."""
+    from ..training import checkpoints
+
+    record, folder = _run_dir(ctx, run_id)
+    config = record["config"]
+    found = checkpoints.listing(folder)
+    why = checkpoints.retained(found, config["keep_last"], config["keep_best"], config.get("keep_every"))
+    rows = [{"step": c.step, "train_loss": float(c.metadata["train_loss"]), "val_loss": c.val_loss,
+             "kept_because": why.get(c.step, []), "path": str(c.path)} for c in found]
+    ctx.emit(rows, "\n".join([f"{'STEP':>8} {'TRAIN':>8} {'VAL':>8}  KEPT BECAUSE"] + [
+        f"{r['step']:>8} {r['train_loss']:>8.4f} {r['val_loss'] if r['val_loss'] is not None else float('nan'):>8.4f}  "
+        f"{', '.join(r['kept_because']) or '-'}" for r in rows]) if rows else "no checkpoints")
+
+
+@checkpoints_group.command("prune")
+@click.argument("run_id")
+@click.option("--keep-last", type=train_number("keep_last"))
+@click.option("--keep-best", type=train_number("keep_best"))
+@click.option("--keep-every", type=train_number("keep_every"))
+@pass_ctx
+def checkpoints_prune(ctx: Context, run_id: str, keep_last: int | None, keep_best: int | None, keep_every: int | None) -> None:
+    """Delete the checkpoints a retention policy does not keep (the run's own policy by default)."""
+    from ..training import checkpoints
+
+    record, folder = _run_dir(ctx, run_id)
+    config = record["config"]
+    removed = checkpoints.prune(folder, config["keep_last"] if keep_last is None else keep_last,
+                                config["keep_best"] if keep_best is None else keep_best,
+                                config.get("keep_every") if keep_every is None else keep_every)
+    ctx.emit({"removed": removed}, f"removed {len(removed)} checkpoint(s)" + (f": {', '.join(map(str, removed))}" if removed else ""))
+
+
+@checkpoints_group.command("promote")
+@click.argument("run_id")
+@click.argument("step", type=COUNT)
+@click.option("--name", required=True)
+@pass_ctx
+def checkpoints_promote(ctx: Context, run_id: str, step: int, name: str) -> None:
+    """Register one checkpoint as a version."""
+    # TODO(issue 11): this is library work, not presentation. It belongs beside the trainer as
+    # `promote(registry, run_id, step, name) -> AdapterVersion`, adding the checkpoint's tensors through
+    # the registry's in-memory entry point instead of writing a temporary folder for import_adapter.
+    import tempfile
+
+    from ..training import checkpoints
+    from ..training.config import TrainConfig
+
+    record, folder = _run_dir(ctx, run_id)
+    checkpoint = checkpoints.find(folder, step)
+    config = TrainConfig(**record["config"])
+    with tempfile.TemporaryDirectory(prefix="adapterhub-promote-") as tmp:
+        written = folder / "adapter_config.json"  # resolved at the run's start (LoReFT's layers, hidden size)
+        (Path(tmp) / "adapter_config.json").write_text(written.read_text() if written.is_file()
+                                                       else json.dumps(config.adapter_config()))
+        version, _ = ctx.registry.import_adapter(
+            Path(tmp), name, base=config.base, dataset=config.data, checkpoint=str(checkpoint.path), tags=config.tags,
+            parent=config.from_ref, description=f"step {step} of run {run_id}")
+    ctx.emit(version.to_dict(), f"promoted step {step} of {run_id} -> {version.ref}")
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--base", "base_", help="Base model folder or registered base name (default: the adapter's own base).")
+@click.option("--prompt", required=True)
+@click.option("--max-tokens", type=COUNT, default=100, show_default=True)
+@click.option("--allow-different-weights", is_flag=True)
+@pass_ctx
+def generate(ctx: Context, ref: str, base_: str | None, prompt: str, max_tokens: int, allow_different_weights: bool) -> None:
+    """Generate with a registered adapter applied (after the compatibility check)."""
+    from ..generation import generate as run_generate
+
+    result = run_generate(ctx.registry, ref, base_, prompt, max_tokens, allow_different_weights)
+    ctx.emit(result, result["text"])
+
+
+COMMANDS = [train, runs, checkpoints_group, generate]
