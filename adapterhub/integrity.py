@@ -265,14 +265,18 @@ def _blob_problem(registry, sha256: str) -> str | None:
 def _cycles(records: dict[str, dict]) -> list[str]:
     """Lineage cycles among versions, each named once by the refs on it."""
     edges = {ref: [p["ref"] for p in r["parents"] if p["ref"] in records and p["ref"] != ref] for ref, r in records.items()}
+    return ["lineage cycle: " + " -> ".join(loop) for loop in find_cycles(edges)]
+
+
+def find_cycles(edges: dict[str, list[str]]) -> list[list[str]]:
+    """Each cycle a depth-first walk meets, as the path that closes it (a -> b -> a); iterative, so deep graphs are fine."""
     state: dict[str, int] = {}  # 1 on the current path, 2 done
     cycles = []
     for start in sorted(edges):
         if state.get(start):
             continue
-        path, stack = [], [(start, iter(edges[start]))]
+        path, stack = [start], [(start, iter(sorted(edges[start])))]
         state[start] = 1
-        path.append(start)
         while stack:
             node, children = stack[-1]
             child = next(children, None)
@@ -281,10 +285,9 @@ def _cycles(records: dict[str, dict]) -> list[str]:
                 path.pop()
                 state[node] = 2
             elif state.get(child) == 1:
-                loop = path[path.index(child):]
-                cycles.append("lineage cycle: " + " -> ".join(loop + [child]))
+                cycles.append(path[path.index(child):] + [child])
             elif not state.get(child):
                 state[child] = 1
                 path.append(child)
-                stack.append((child, iter(edges[child])))
+                stack.append((child, iter(sorted(edges.get(child, ())))))
     return cycles
