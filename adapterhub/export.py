@@ -26,7 +26,7 @@ def export(registry: Registry, ref: str, out_dir: Path | str, format: str = "mlx
     folder unless `force`.
     """
     version = registry.resolve(ref)
-    if format == "peft" and version.record["kind"] == "loreft":
+    if format == "peft" and version.kind == "loreft":
         raise AdapterHubError(f"{version.ref} is a LoReFT adapter, which PEFT's LoRA format cannot hold",
                               hint="export it with --format mlx; adapterhub generate and adapterhub.loreft.load_folder load it")
     out = Path(out_dir)
@@ -45,10 +45,11 @@ def export(registry: Registry, ref: str, out_dir: Path | str, format: str = "mlx
 
 def copy_stored_files(registry: Registry, version, folder: Path) -> None:
     """The version's files as imported (adapters.safetensors, adapter_config.json), byte for byte."""
-    for f in version.record["files"]:
+    for f in version.files:
         # A catalogue file edited by hand must not steer the copy outside `folder`.
-        safe_member(f["name"], f"the record of {version.ref}")
-        with open(registry.objects.verified(f["sha256"], f"{f['name']} of {version.ref}"), "rb") as src, atomic_write(Path(folder) / f["name"]) as dst:
+        safe_member(f.name, f"the record of {version.ref}")
+        blob = registry.objects.verified(f.sha256, f"{f.name} of {version.ref}")
+        with open(blob, "rb") as src, atomic_write(Path(folder) / f.name) as dst:
             shutil.copyfileobj(src, dst, 8 << 20)
 
 

@@ -40,7 +40,7 @@ def generate(registry, ref: str, base: str | None, prompt: str, max_tokens: int 
 
     from .export import copy_stored_files
 
-    if version.record["kind"] == "loreft":
+    if version.kind == "loreft":
         from . import loreft
 
         model, tokenizer = load(str(base_path))

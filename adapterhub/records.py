@@ -22,8 +22,80 @@ def now() -> str:
 
 
 @dataclass(frozen=True)
+class FileEntry:
+    """A stored file: its name in the folder it belongs to, its sha256 and its size in bytes."""
+
+    name: str
+    sha256: str
+    size: int
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "FileEntry":
+        return cls(doc["name"], doc["sha256"], doc["size"])
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "sha256": self.sha256, "size": self.size}
+
+
+@dataclass(frozen=True)
+class ParentEdge:
+    """Where a version came from: a parent's ref and sha256, how (`relation`), and a stack weight if any."""
+
+    ref: str
+    sha256: str
+    relation: str
+    weight: float | None = None
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "ParentEdge":
+        return cls(doc["ref"], doc["sha256"], doc["relation"], doc.get("weight"))
+
+    def to_dict(self) -> dict:
+        return {"ref": self.ref, "sha256": self.sha256, "relation": self.relation,
+                **({"weight": self.weight} if self.weight is not None else {})}
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """What a version or fused model records of its base: enough to find it and to tell its structure."""
+
+    name: str
+    sha256: str
+    structure_sha256: str
+    model_type: str | None
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "BaseRef":
+        return cls(doc["name"], doc["sha256"], doc["structure_sha256"], doc["model_type"])
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "sha256": self.sha256, "structure_sha256": self.structure_sha256,
+                "model_type": self.model_type}
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """What a version records of the data it was trained on: name, content hash, examples per split."""
+
+    name: str
+    sha256: str
+    examples: dict[str, int]
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "DatasetRef":
+        return cls(doc["name"], doc["sha256"], dict(doc["examples"]))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "sha256": self.sha256, "examples": dict(self.examples)}
+
+
+@dataclass(frozen=True)
 class AdapterVersion:
-    """One registered adapter version, as `show` reports it."""
+    """One registered adapter version, as `show` reports it: the stored record and its typed views.
+
+    `record` stays the dict the schema describes (and `--json` prints); the properties are
+    how code reads it, so a field's name is spelled in one place.
+    """
 
     record: dict
     aliases: tuple[str, ...] = ()
@@ -44,8 +116,44 @@ class AdapterVersion:
     def sha256(self) -> str:
         return self.record["sha256"]
 
+    @property
+    def kind(self) -> str:
+        return self.record["kind"]
+
+    @property
+    def rank(self) -> int:
+        return self.record["rank"]
+
+    @property
+    def scale(self) -> float:
+        return self.record["scale"]
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.record["layers"])
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return dict(self.record["tags"])
+
+    @property
+    def base(self) -> BaseRef | None:
+        return BaseRef.from_dict(self.record["base"]) if self.record.get("base") else None
+
+    @property
+    def dataset(self) -> DatasetRef | None:
+        return DatasetRef.from_dict(self.record["dataset"]) if self.record.get("dataset") else None
+
+    @property
+    def parents(self) -> tuple[ParentEdge, ...]:
+        return tuple(ParentEdge.from_dict(p) for p in self.record["parents"])
+
+    @property
+    def files(self) -> tuple[FileEntry, ...]:
+        return tuple(FileEntry.from_dict(f) for f in self.record["files"])
+
     def file_sha(self, filename: str) -> str:
-        return next(f["sha256"] for f in self.record["files"] if f["name"] == filename)
+        return next(f.sha256 for f in self.files if f.name == filename)
 
     def to_dict(self) -> dict:
         return {"ref": self.ref, **self.record, "aliases": list(self.aliases)}

@@ -266,7 +266,7 @@ class Registry(BaseModels, TrainingRuns, Outputs, ForeignFolders):
             if not report.compatible:
                 raise IncompatibleError(f"adapter {Path(folder)} does not fit base {base}: " + "; ".join(report.problems[:3]),
                                         hint="check --base; it must be the model the adapter was trained on", report=report)
-        if parent_version and base_fp and parent_version.record.get("base") and parent_version.record["base"]["structure_sha256"] != base_fp["structure_sha256"]:
+        if parent_version and base_fp and parent_version.base and parent_version.base.structure_sha256 != base_fp["structure_sha256"]:
             raise IncompatibleError(f"parent {parent_version.ref} was trained on a different base model structure",
                                     hint="a parent must share the base model")
 
@@ -360,7 +360,7 @@ class Registry(BaseModels, TrainingRuns, Outputs, ForeignFolders):
         recorded = version.record.get("base")
         recorded_full = next((b for b in self.bases() if recorded and b["sha256"] == recorded["sha256"]), None)
         adapter_base = {**recorded, "config": recorded_full["config"]} if recorded and recorded_full else recorded
-        return compat.check(version.ref, self.modules(version), version.record["layers"], adapter_base, str(base), base_fp,
+        return compat.check(version.ref, self.modules(version), version.layers, adapter_base, str(base), base_fp,
                             recorded_full["files"] if recorded_full else None, allow_different_weights,
                             hidden_size=(version.record.get("loreft") or {}).get("hidden_size"))
 
@@ -376,7 +376,7 @@ class Registry(BaseModels, TrainingRuns, Outputs, ForeignFolders):
         naming.check_tags({key: value})
         with self._transaction():
             version = self.resolve(ref)
-            record = {**version.record, "tags": {**version.record["tags"], key: value}}
+            record = {**version.record, "tags": {**version.tags, key: value}}
             validate(record, "adapter_version", what=f"record for {version.ref}")
             self.catalogue.update_version(version.name, version.version, {"tags": record["tags"]})
             return self.resolve(version.ref)

@@ -14,10 +14,10 @@ from .context import Context, parse_tags, pass_ctx
 
 
 def _version_line(v: AdapterVersion) -> str:
-    base = (v.record.get("base") or {}).get("name") or "-"
+    base = v.base.name if v.base else "-"
     aliases = ",".join(v.aliases) or "-"
-    tags = ",".join(f"{k}={val}" for k, val in sorted(v.record["tags"].items())) or "-"
-    return f"{v.ref:<32} {v.record['kind']:<6} {v.record['rank']:>4}  {base:<24} {aliases:<12} {tags:<20} {v.record['created_at']}"
+    tags = ",".join(f"{k}={val}" for k, val in sorted(v.tags.items())) or "-"
+    return f"{v.ref:<32} {v.kind:<6} {v.rank:>4}  {base:<24} {aliases:<12} {tags:<20} {v.record['created_at']}"
 
 
 def _show_text(v: AdapterVersion) -> str:
@@ -132,7 +132,7 @@ def import_(ctx: Context, folder: Path, name: str, base_: str | None, dataset: P
     ignored = unapplied(version, created, parse_tags(tags), description)
     ctx.emit(version.to_dict() | {"created": created, "not_applied": ignored},
              f"{'imported' if created else 'already registered:'} {version.ref}  {version.sha256[:12]}  "
-             f"({version.record['kind']}, rank {version.record['rank']}, {version.record['num_layers']} layers)")
+             f"({version.kind}, rank {version.rank}, {len(version.layers)} layers)")
     if ignored and not ctx.quiet:
         how = [f"adapterhub tag {version.ref} {k}={v}" for k, v in ignored.get("tags", {}).items()]
         click.echo(f"note: {', '.join(ignored)} not applied: {version.ref} already holds these weights"
