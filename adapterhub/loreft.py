@@ -5,8 +5,9 @@
 as pyreft's `LoreftIntervention`, applied to a decoder layer's output (pyreft's
 `block_output`) at the first / last prompt tokens (`f1+l1`: the first token and
 the last one). R is kept orthonormal by a QR retraction after every optimizer
-step. Generated tokens are never intervened: only the prompt's positions, during
-prefill, as in pyreft.
+step (`retract`: written as array ops on the default device, so a training step
+never waits on the host). Generated tokens are never intervened: only the
+prompt's positions, during prefill, as in pyreft.
 
 Usable without the CLI:
 
@@ -29,6 +30,10 @@ from .errors import AdapterHubError
 
 ACTIVATIONS = {"linear": lambda x: x, "relu": nn.relu, "gelu": nn.gelu, "tanh": mx.tanh, "silu": nn.silu}
 _POSITIONS = re.compile(r"^(?:f(\d+))?\+?(?:l(\d+))?$")
+# Newton steps per retraction (`orthonormal_rows`). The error squares each step; R is retracted after every update,
+# so its rows start a few hundredths from perpendicular (1e-2 → 3e-4 → 1e-7 → 0), and 6 steps still settle
+# rows 0.5 from perpendicular.
+RETRACTION_STEPS = 6
 
 
 def parse_positions(text: str) -> tuple[int, int]:
@@ -93,19 +98,75 @@ class LoReFTIntervention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self._activation = activation
 
-    def delta(self, h: mx.array) -> mx.array:
+    def delta(self, h: mx.array, mask: mx.array | None = None) -> mx.array:
+        """The edit Rᵀ(act(W h + b) − R h); with `mask` ((batch, length, 1), 0 or 1), only at the masked positions."""
         rotate = self.rotate.astype(h.dtype)
         edit = ACTIVATIONS[self._activation](self.learned_source(h).astype(h.dtype)) - h @ rotate.T
+        if mask is not None:
+            edit = edit * mask  # masked at rank r, before the projection back to the hidden size: r wide, not d
         return self.dropout(edit @ rotate)
 
     def __call__(self, h: mx.array) -> mx.array:
         return h + self.delta(h)
 
     def retract(self) -> None:
-        """Back onto orthonormal rows after an optimizer step (QR, signs fixed so R moves continuously)."""
-        q, r = mx.linalg.qr(self.rotate.T.astype(mx.float32), stream=mx.cpu)
-        signs = mx.where(mx.diagonal(r) < 0, -1.0, 1.0)
-        self.rotate = (q * signs).T.astype(self.rotate.dtype)
+        """Back onto orthonormal rows after an optimizer step."""
+        self.rotate = orthonormal_rows(self.rotate)
+
+
+def _matmul_f32(a: mx.array, b: mx.array) -> mx.array:
+    """a @ b as a multiply and a sum, in float32 throughout. A GPU may run a float32 matmul in TF32 (a 10-bit
+    mantissa: MLX_ENABLE_TF32's default), which would leave R Rᵀ − I near 1e-3. The (…, m, k, n) temporary is
+    small for a rotation: rank × hidden × rank."""
+    return (a[..., :, :, None] * b[..., None, :, :]).sum(-2)
+
+
+def orthonormal_rows(rows: mx.array, steps: int = RETRACTION_STEPS) -> mx.array:
+    """Q in rows = L Q (L lower triangular with a positive diagonal): Gram–Schmidt on the rows in order, what
+    mx.linalg.qr(rowsᵀ) gives with its signs fixed. `rows`: (…, r, d), r ≤ d; float32 inside, returned as given.
+
+    Array ops only, so it runs on the default device inside the compiled step: MLX's QR runs on the CPU stream
+    alone, a device-to-host round trip every step. Q = L⁻¹ R, and L⁻¹ comes from the r × r Gram matrix G = R Rᵀ
+    by Newton's iteration X ← X − T X, T the lower triangle of X G Xᵀ − I with its diagonal halved: X stays lower
+    triangular and X G Xᵀ − I squares each step. The rows are scaled to unit length first (Q does not change), so
+    only the angles between them count.
+    """
+    x = rows.astype(mx.float32)
+    gram = _matmul_f32(x, x.swapaxes(-1, -2))
+    scale = mx.rsqrt(mx.diagonal(gram, axis1=-2, axis2=-1))
+    gram = gram * scale[..., :, None] * scale[..., None, :]
+    identity = mx.eye(x.shape[-2], dtype=mx.float32)
+    lower = mx.tril(mx.ones_like(identity), -1) + 0.5 * identity
+    inverse = mx.broadcast_to(identity, gram.shape)
+    for _ in range(steps):
+        error = _matmul_f32(_matmul_f32(inverse, gram), inverse.swapaxes(-1, -2)) - identity
+        inverse = inverse - _matmul_f32(error * lower, inverse)
+    return _matmul_f32(inverse, x * scale[..., :, None]).astype(rows.dtype)
+
+
+class _Prompts:
+    """Where each row's prompt ends, and the masks of the positions to edit, shared by every wrapped layer.
+
+    The masks are the same at every layer: each is made once per forward (per sequence length), by the first
+    layer that asks. A plain object, not an array attribute: it stays out of the model's state and parameters.
+    """
+
+    def __init__(self, lengths: mx.array):
+        self.lengths = lengths
+        self._masks: dict[tuple, list[mx.array]] = {}
+
+    def masks(self, length: int, first: int, last: int, count: int, dtype) -> list[mx.array]:
+        """(batch, length, 1) masks, in `dtype`, of the positions each of `count` interventions edits."""
+        key = (length, first, last, count, dtype)
+        if key not in self._masks:
+            prompt = self.lengths[:, None]
+            pos = mx.arange(length)[None, :]
+            chosen = [m for m in ((pos < mx.minimum(prompt, first)) if first else None,
+                                  ((pos >= prompt - last) & (pos < prompt)) if last else None) if m is not None]
+            if count == 1 and len(chosen) == 2:
+                chosen = [chosen[0] | chosen[1]]  # shared weights: one intervention over both sets of positions
+            self._masks[key] = [m[..., None].astype(dtype) for m in chosen]
+        return self._masks[key]
 
 
 class LoReFTLayer(nn.Module):
@@ -118,7 +179,7 @@ class LoReFTLayer(nn.Module):
         self.first, self.last = first, last
         self.interventions = [LoReFTIntervention(hidden_size, config.rank, config.dropout, config.activation)
                               for _ in range(config.interventions_per_layer)]
-        self._prompt_lengths: mx.array | None = None
+        self._prompts: _Prompts | None = None
 
     def __getattr__(self, key: str):
         # Models read attributes of their layers (e.g. `use_sliding`): answer for the wrapped one.
@@ -129,24 +190,14 @@ class LoReFTLayer(nn.Module):
                 raise
             return getattr(self["layer"], key)
 
-    def masks(self, length: int) -> list[mx.array]:
-        """(batch, length, 1) masks of the positions each intervention edits."""
-        prompt = self._prompt_lengths[:, None]
-        pos = mx.arange(length)[None, :]
-        first = (pos < mx.minimum(prompt, self.first)) if self.first else None
-        last = ((pos >= prompt - self.last) & (pos < prompt)) if self.last else None
-        chosen = [m for m in (first, last) if m is not None]
-        if len(self.interventions) == 1 and len(chosen) == 2:
-            chosen = [chosen[0] | chosen[1]]  # shared weights: one intervention over both sets of positions
-        return [m[..., None] for m in chosen]
-
     def __call__(self, x, *args, **kwargs):
         h = self.layer(x, *args, **kwargs)
-        if self._prompt_lengths is None:
+        if self._prompts is None:
             return h  # decoding: generated tokens are not intervened
         out = h
-        for intervention, mask in zip(self.interventions, self.masks(h.shape[1])):
-            out = out + mask.astype(h.dtype) * intervention.delta(h)
+        masks = self._prompts.masks(h.shape[1], self.first, self.last, len(self.interventions), h.dtype)
+        for intervention, mask in zip(self.interventions, masks):
+            out = out + intervention.delta(h, mask)
         return out
 
 
@@ -214,14 +265,20 @@ def wrapped_layers(model) -> list[LoReFTLayer]:
 
 def set_prompt_lengths(model, prompt_lengths: mx.array | None) -> None:
     """Tell every intervention where the prompts end (tokens per row); None turns interventions off."""
+    prompts = None if prompt_lengths is None else _Prompts(prompt_lengths)  # one for all layers: masks made once
     for layer in wrapped_layers(model):
-        layer._prompt_lengths = prompt_lengths
+        layer._prompts = prompts
 
 
 def retract(model) -> None:
-    for layer in wrapped_layers(model):
-        for intervention in layer.interventions:
-            intervention.retract()
+    """Every rotation back onto orthonormal rows, all in one batch (a few kernels, not a few per intervention);
+    lazy and on the default device, so it runs inside the compiled training step."""
+    interventions = [i for layer in wrapped_layers(model) for i in layer.interventions]
+    if not interventions:
+        return
+    rows = orthonormal_rows(mx.stack([i.rotate for i in interventions]))  # one config: every R is (rank, hidden)
+    for k, intervention in enumerate(interventions):
+        intervention.rotate = rows[k]
 
 
 def loss(model, batch, lengths):
@@ -229,7 +286,12 @@ def loss(model, batch, lengths):
     from mlx_lm.tuner.trainer import default_loss
 
     set_prompt_lengths(model, lengths[:, 0])  # the offset where the completion starts = prompt tokens
-    return default_loss(model, batch, lengths)
+    try:
+        return default_loss(model, batch, lengths)
+    finally:
+        # The graph holds what it needs; the prompts must not outlive this call (inside a compiled step they
+        # are placeholders that a later forward could not use).
+        set_prompt_lengths(model, None)
 
 
 def load(model, weights: dict, config: LoReFTConfig) -> None:

@@ -54,6 +54,8 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="adapterhub-train-bench-"))
     env = dict(os.environ, ADAPTERHUB_CACHE=str(work / "cache"), TOKENIZERS_PARALLELISM="false")
+    subprocess.run([sys.executable, "-m", "adapterhub.cli", "--quiet", "--registry", str(work / "registry"), "init"],
+                   check=True, env=env)
     model = write_model(work / "model", hidden_size=256, num_layers=4, intermediate_size=512, num_heads=4, num_kv_heads=4)
     data = write_dataset(work / "data", seed=1, sizes=(512, 64, 64))
     it = args.iters

@@ -197,3 +197,58 @@ def test_loreft_trains_a_model_whose_layers_are_a_slice(cli, registry, colours, 
     assert code == 0, err
     version = json.loads(out)
     assert version["layers"] == [0, 1] and version["num_parameters"] == 2 * 2 * (2 * 64 * 2 + 2)
+
+
+def test_retraction_is_qr_without_qr(monkeypatch):
+    """On the default device, as array ops: the Q that QR gave (signs fixed), orthonormal within 1e-5 in float64,
+    after an Adam-sized step on every element and from rows of any length far from perpendicular."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for step in (1e-3, 4e-3, 1e-2):  # rank 4, hidden 512
+        q, _ = np.linalg.qr(rng.standard_normal((512, 4)))
+        rows.append(q.T + step * np.sign(rng.standard_normal((4, 512))))
+    rows.append(rng.standard_normal((4, 512)) * 3)  # random rows: lengths near 68, about 0.05 from perpendicular
+    rows.append(rng.standard_normal((4, 512)) + 0.2 * rng.standard_normal((1, 512)))  # sharing a component: 0.04
+    monkeypatch.setattr(mx.linalg, "qr", None)  # no QR, on any stream: calling it would raise
+    out = np.array(loreft.orthonormal_rows(mx.array(np.stack(rows), dtype=mx.float32)), dtype=np.float64)
+    for before, after in zip(rows, out):
+        q, r = np.linalg.qr(before.T)
+        assert np.abs(after @ after.T - np.eye(4)).max() < 1e-5
+        assert np.abs(after - (q * np.sign(np.diagonal(r))).T).max() < 1e-5
+
+
+def test_masks_are_made_once_per_forward_and_prompts_do_not_outlive_the_loss(tiny_model):
+    from mlx_lm import load
+
+    model, _ = load(str(tiny_model))
+    loreft.apply(model, loreft.LoReFTConfig(layers=[0, 1, 2, 3], rank=2, positions="f1+l1", hidden_size=64))
+    layers = loreft.wrapped_layers(model)
+    loreft.set_prompt_lengths(model, mx.array([3, 5]))
+    model(mx.array([[1, 5, 9, 12, 7, 3], [2, 4, 6, 8, 10, 11]]))
+    prompts = layers[0]._prompts
+    assert all(layer._prompts is prompts for layer in layers) and len(prompts._masks) == 1  # one set for 4 layers
+    batch, lengths = mx.array([[1, 5, 9, 12, 7, 3]]), mx.array([[3, 5]])
+    value, tokens = loreft.loss(model, batch, lengths)
+    assert tokens.item() == 3 and all(layer._prompts is None for layer in layers)
+
+
+def test_a_stopped_loreft_run_resumes_byte_identical(cli, registry, tiny_model, colours):
+    from adapterhub.training.config import merge
+    from adapterhub.training.trainer import Trainer
+
+    options = {"base": str(tiny_model), "data": str(colours), "kind": "loreft", "layers": "1;3", "rank": 4,
+               "positions": "f1+l1", "iters": 6, "dropout": 0.1, "seed": 5, "val_batches": 1, "steps_per_eval": 3,
+               "save_every": 2}
+    Trainer(registry, merge({**options, "name": "straight"}, None)).run()
+
+    def stop_after_step_two(event):
+        if event.get("event") == "checkpoint" and event["step"] == 2:
+            raise KeyboardInterrupt  # Ctrl-C as the checkpoint of step 2 is announced
+
+    trainer = Trainer(registry, merge({**options, "name": "stopped"}, None), reporter=stop_after_step_two)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert registry.run(trainer.run_id)["step"] == 2
+    code, _, err = cli("train", "--resume", trainer.run_id)
+    assert code == 0, err
+    assert registry.resolve("stopped").sha256 == registry.resolve("straight").sha256

@@ -22,7 +22,7 @@ from typing import Callable
 
 from ..errors import AdapterHubError, IncompatibleError, NotFoundError
 from ..fingerprint import fingerprint_dataset
-from ..registry import now
+from ..records import now
 from ..store import write_json
 from . import checkpoints
 from .config import TrainConfig
@@ -235,13 +235,18 @@ class Trainer:
         from mlx.utils import tree_map, tree_unflatten
         from mlx_lm.tuner.trainer import evaluate, iterate_batches
 
+        from .. import loreft
+
         config = self.config
         start_step, losses = 0, record.get("losses") or {"train": [], "val": []}
         trained_tokens, train_seconds = record.get("trained_tokens", 0), record.get("train_seconds", 0.0)
         latest = checkpoints.listing(self.run_dir)[-1] if record["step"] else None
         if latest:
             model.load_weights(list(mx.load(str(latest.path)).items()), strict=False)
-            optimizer.init(model.trainable_parameters())
+        # The optimizer state exists before the step is compiled: made lazily by the first update, it would
+        # change the compiled step's inputs and have it traced twice.
+        optimizer.init(model.trainable_parameters())
+        if latest:
             optimizer.state = tree_unflatten(list(mx.load(str(latest.state_path)).items()))
             start_step = latest.step
             losses = {k: [p for p in v if p[0] <= start_step] for k, v in losses.items()}
@@ -253,7 +258,10 @@ class Trainer:
         loss_fn = self.loss_fn
         loss_value_and_grad = nn.value_and_grad(model, loss_fn)
         state = [model.state, optimizer.state, mx.random.state]
+        retract = loreft.retract if self.loreft_config else None
 
+        # mlx-lm's compiled step, for every kind. LoReFT's retraction (R back onto orthonormal rows) is part of
+        # the update: array ops in the same compiled graph, so a step never waits on the host or the CPU stream.
         @partial(mx.compile, inputs=state, outputs=state)
         def step(batch, previous, do_update):
             (value, tokens), grad = loss_value_and_grad(model, *batch)
@@ -263,6 +271,8 @@ class Trainer:
                 if config.grad_accumulation_steps > 1:
                     grad = tree_map(lambda x: x / config.grad_accumulation_steps, grad)
                 optimizer.update(model, grad)
+                if retract:
+                    retract(model)
                 grad = None
             return value, tokens, grad
 
@@ -293,14 +303,11 @@ class Trainer:
             after_update = saving and (config.keep_best > 0 or due)
             if due and not after_update:
                 record_val(it)
+            batch = next(batches)  # drawn before the clock starts, as mlx-lm times its steps
             tic = time.perf_counter()
             mx.random.seed(config.seed * 1_000_003 + it)  # dropout masks depend on the step alone
-            value, tokens, accumulated = step(next(batches), accumulated, it % config.grad_accumulation_steps == 0)
+            value, tokens, accumulated = step(batch, accumulated, it % config.grad_accumulation_steps == 0)
             mx.eval(state, value, tokens, accumulated)
-            if self.loreft_config and it % config.grad_accumulation_steps == 0:
-                from .. import loreft
-
-                loreft.retract(model)  # back onto orthonormal rows after each update
             elapsed = time.perf_counter() - tic
             window_loss += value.item()
             window_tokens += tokens.item()
