@@ -75,7 +75,7 @@ def _versions() -> dict:
     import mlx.core as mx
     import mlx_lm
 
-    from .. import __version__
+    from ..version import __version__
 
     return {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "adapterhub": __version__}
 
