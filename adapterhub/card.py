@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from .lineage import Node, Walker, ancestors, folder_record, to_tree, walk_up
-from .records import RECORD_FILE, AdapterVersion
+from .records import RECORD_FILE, AdapterVersion, EvalResult
 from .registry import Registry
 from .store import read_json
 
@@ -67,15 +67,50 @@ def _losses(training: dict | None) -> str:
                      + [f"| {s} | {fmt(train.get(s))} | {fmt(val.get(s))} |" for s in steps])
 
 
+SCORE_NAMES = {"loss": "loss", "perplexity": "perplexity", "exact_match": "exact match", "token_accuracy": "token accuracy"}
+
+
+def _newest_evaluations(rows: list[dict]) -> list[EvalResult]:
+    """The newest result of each measurement: one repeated with --force is reported once, as measured last."""
+    newest = {}
+    for result in map(EvalResult.from_dict, rows):
+        newest[result.key] = result
+    return list(newest.values())
+
+
+def model_index(name: str, rows: list[dict]) -> list[dict]:
+    """Recorded evaluations as the Hub's `model-index` results (one per dataset split and metric)."""
+    results = [{
+        "task": {"type": "text-generation"},
+        "dataset": {"name": r.row["dataset"]["name"], "type": r.row["dataset"]["name"], "split": r.split,
+                    "revision": r.row["dataset"]["sha256"]},
+        "metrics": [{"type": score, "value": value, "name": f"{r.split} {SCORE_NAMES.get(score, score)}"}
+                    for score, value in r.row["scores"].items()],
+    } for r in _newest_evaluations(rows)]
+    return [{"name": name, "results": results}] if results else []
+
+
+def _evaluations(rows: list[dict]) -> str:
+    results = _newest_evaluations(rows)
+    if not results:
+        return "Not evaluated yet: `adapterhub eval` records scores here."
+    return "\n".join(["| dataset | split | metric | value | examples | base | measured |", "|---|---|---|---:|---:|---|---|"] + [
+        f"| {r.row['dataset']['name']} `{r.row['dataset']['sha256'][:12]}` | {r.split} | {SCORE_NAMES.get(score, score)} | "
+        f"{value:.4f} | {r.row['examples']} | {r.row['base']['name']} | {r.row['created_at']} |"
+        for r in results for score, value in r.row["scores"].items()])
+
+
 def adapter_card(registry: Registry, version: AdapterVersion, library: str = "mlx") -> str:
     r = version.record
     base_id, base_record = _base_id(registry, r.get("base"))
+    evaluations = registry.evaluations(version)
     front = {
         "base_model": base_id, "base_model_relation": "adapter", "library_name": library,
         "datasets": [r["dataset"]["name"]] if r.get("dataset") else [],
         "tags": ["adapterhub", "mlx", r["kind"]] + (["peft"] if library == "peft" else [])
                 + [f"{k}:{v}" for k, v in sorted(r["tags"].items())],
         "license": base_license(base_record),
+        "model-index": model_index(version.name, evaluations),
     }
     training = r.get("training") or {}
     hyper = training.get("hyperparameters") or {}
@@ -95,6 +130,7 @@ def adapter_card(registry: Registry, version: AdapterVersion, library: str = "ml
         "\n".join(["| name | value |", "|---|---|"] + [f"| {k} | `{json.dumps(v)}` |" for k, v in sorted(hyper.items())])
         if hyper else "Not recorded.",
         "", "## Loss", "", _losses(training),
+        "", "## Evaluation", "", _evaluations(evaluations),
         "", "## Lineage", "", "```text", to_tree(ancestors(registry, version.ref)), "```",
         "", "Re-check every hash above with `adapterhub audit " + version.ref + "`.", "",
     ]
@@ -108,12 +144,15 @@ def fused_card(registry: Registry, record: dict, folder: Path) -> str:
     root = Node(f"fused:{record['sha256']}", "fused", str(Path(folder).resolve()), record["sha256"], True, record)
     lineage = walk_up(walker, root)
     datasets = sorted({n.label for n in lineage.nodes.values() if n.kind == "dataset"})
+    evaluations = registry.evaluations(record["sha256"]) if registry.initialized else []
     front = {"base_model": base_id, "base_model_relation": "merge", "library_name": "mlx", "datasets": datasets,
-             "tags": ["adapterhub", "mlx", "merge"], "license": base_license(base_record)}
+             "tags": ["adapterhub", "mlx", "merge"], "license": base_license(base_record),
+             "model-index": model_index(Path(folder).name, evaluations)}
     adapters = "\n".join(f"- `{a['ref']}` (sha256 `{a['sha256']}`)" for a in record["adapters"])
     body = [
         f"# {Path(folder).name}", "",
         f"{base_id} (sha256 `{record['base']['sha256']}`) with these adapters fused into its weights:", "", adapters, "",
+        *(["## Evaluation", "", _evaluations(evaluations), ""] if evaluations else []),
         "## Lineage", "", "```text", to_tree(lineage), "```", "",
         "`adapterhub.json` records the base fingerprint, the adapters and the restore data: "
         "`adapterhub audit .` re-checks every hash, `adapterhub unfuse . --out DIR` gives the base back.", "",

@@ -11,11 +11,15 @@ from pathlib import Path
 
 import click
 
+from .records import RECORD_FILE
 from .registry import Registry
-from .store import check_output
+from .store import check_output, read_json
 from .tinymodel import write_dataset, write_model
 
 DEMO_ITERS = 30
+# v2 learns the colour questions (copying the thing asked about, then its colour) well enough to answer all of
+# them: a gentle rate for long enough, on the answers alone (--mask-prompt). A few seconds on the tiny model.
+COLOURS_ITERS, COLOURS_LEARNING_RATE = 250, "3e-4"
 
 
 def _step(title: str, quiet: bool) -> None:
@@ -57,6 +61,26 @@ def _greedy(model: Path, adapter: Path | None = None, prompt: str = "the cat see
     return generate(loaded, tokenizer, prompt=prompt, max_tokens=12)
 
 
+def _recorded_fused(registry: Registry, folder: Path) -> bool:
+    record = read_json(folder / RECORD_FILE) if (folder / RECORD_FILE).is_file() else None
+    return isinstance(record, dict) and isinstance(record.get("sha256"), str) and registry.fused(record["sha256"]) is not None
+
+
+def _exact_match(registry: Registry, colours: Path) -> dict[str, float]:
+    """The recorded exact-match of the base and both trained versions on the colour questions."""
+    from .fingerprint import fingerprint_dataset
+
+    dataset = fingerprint_dataset(colours)["sha256"]
+    base = registry.base("tiny-llama")["sha256"]
+    subjects = {"tiny-llama": base, **{ref: registry.resolve(ref) for ref in ("tiny-trained@1", "tiny-trained@2")}}
+    found = {}
+    for label, subject in subjects.items():
+        rows = [r for r in registry.evaluations(subject) if r["metric"] == "exact-match" and r["split"] == "test"
+                and r["dataset"]["sha256"] == dataset]
+        found[label] = rows[-1]["value"] if rows else 0.0
+    return found
+
+
 def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
     workdir = Path(workdir)
     # The demo rewrites folders under its workdir on every run: never one in or around a registry.
@@ -95,11 +119,12 @@ def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
         _cli(registry, "export", "tiny-stories-lora@prod", str(export), quiet=quiet)
     _step("6. train with the bundled trainer: v1 on stories, v2 chained on a second dataset", quiet)
     colours = write_dataset(workdir / "colours", seed=2, style="colours")
-    common = ["--base", "tiny-llama", "--num-layers", "2", "--learning-rate", "1e-3", "--val-batches", "4",
-              "--steps-per-eval", "10", "--steps-per-report", "10", "--save-every", "10", "--keep-last", "2"]
-    _cli(registry, "train", "--data", str(data), "--name", "tiny-trained", "--iters", "30", *common, quiet=quiet)
-    _cli(registry, "train", "--data", str(colours), "--name", "tiny-trained", "--from", "tiny-trained@1", "--iters", "30",
-         *common, quiet=quiet)
+    common = ["--base", "tiny-llama", "--num-layers", "2", "--val-batches", "4", "--keep-last", "2"]
+    _cli(registry, "train", "--data", str(data), "--name", "tiny-trained", "--iters", "30", "--learning-rate", "1e-3",
+         "--steps-per-eval", "10", "--steps-per-report", "10", "--save-every", "10", *common, quiet=quiet)
+    _cli(registry, "train", "--data", str(colours), "--name", "tiny-trained", "--from", "tiny-trained@1",
+         "--iters", str(COLOURS_ITERS), "--learning-rate", COLOURS_LEARNING_RATE, "--mask-prompt",
+         "--steps-per-eval", "50", "--steps-per-report", "50", "--save-every", "50", *common, quiet=quiet)
     for ref in ("tiny-trained@1", "tiny-trained@2"):
         shown = json.loads(_cli(registry, "--json", "show", ref, quiet=True).stdout)
         val = shown["training"]["losses"]["val"]
@@ -111,30 +136,50 @@ def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
     _cli(registry, "runs", quiet=quiet)
     _cli(registry, "generate", "tiny-trained@2", "--prompt", "what colour is the sky ?", "--max-tokens", "6", quiet=quiet)
 
-    _step("7. fuse it into the base (streamed), and compare greedy generations", quiet)
+    _step("7. evaluate: the colour questions the base cannot answer and v2 can; versions side by side", quiet)
+    _cli(registry, "eval", "--base", "tiny-llama", "--data", str(colours), "--metric", "exact-match", quiet=quiet)
+    _cli(registry, "eval", "tiny-trained@2", "--data", str(colours), "--metric", "exact-match", quiet=quiet)
+    _cli(registry, "compare", "tiny-trained@1", "tiny-trained@2", "--base", "tiny-llama", "--data", str(colours),
+         "--metric", "exact-match", quiet=quiet)
+    _cli(registry, "list", "--name", "tiny-trained", "--sort", "eval:test_exact_match", quiet=quiet)
+    scores = _exact_match(Registry(registry), colours)
+    if not quiet:
+        click.echo("exact-match on the colour questions: "
+                   + ", ".join(f"{label} {100 * value:.0f} %" for label, value in scores.items()))
+    if scores["tiny-llama"] > 0.2 or scores["tiny-trained@2"] < 0.5:
+        raise SystemExit(f"demo: tiny-trained@2 did not learn the colour questions the base cannot answer ({scores})")
+
+    _step("8. fuse it into the base (streamed), and compare greedy generations", quiet)
     fused, unfused = workdir / "fused", workdir / "unfused"
-    for folder in (fused, unfused):
-        if folder.exists():
-            shutil.rmtree(folder)
-    _cli(registry, "fuse", "tiny-stories-lora@prod", "--base", "tiny-llama", "--out", str(fused), quiet=quiet)
+    if unfused.exists():
+        shutil.rmtree(unfused)
+    if _recorded_fused(Registry(registry), fused):
+        # The registry protects the folders of the fused models it records: a second run keeps the first's.
+        if not quiet:
+            click.echo(f"{fused}: fused by an earlier run and recorded in the registry, kept")
+    else:
+        if fused.exists():
+            shutil.rmtree(fused)
+        _cli(registry, "fuse", "tiny-stories-lora@prod", "--base", "tiny-llama", "--out", str(fused), quiet=quiet)
     with_adapter, from_fused = _greedy(model, export), _greedy(fused)
     if not quiet:
         click.echo(f"base + adapter: {with_adapter!r}\nfused model:    {from_fused!r}\n"
                    f"{'same tokens' if with_adapter == from_fused else 'DIFFERENT tokens'}")
     if with_adapter != from_fused:
         raise SystemExit("demo: the fused model generates differently from base + adapter")
+    _cli(registry, "eval", str(fused), "--against", "tiny-stories-lora@prod", "--prompts", "8", quiet=quiet)
 
-    _step("8. unfuse: the base back, bit for bit, proven against its fingerprint", quiet)
+    _step("9. unfuse: the base back, bit for bit, proven against its fingerprint", quiet)
     _cli(registry, "unfuse", str(fused), "--out", str(unfused), quiet=quiet)
     _cli(registry, "extract", "--base", "tiny-llama", "--fused", str(fused), "--rank", "8", "--name", "tiny-stories-extracted",
          quiet=quiet)
 
-    _step("9. lineage and audit: where the fused model came from, every hash re-checked", quiet)
+    _step("10. lineage and audit: where the fused model came from, every hash re-checked", quiet)
     _cli(registry, "lineage", str(fused), quiet=quiet)
     _cli(registry, "lineage", "--dataset", str(data), "--descendants", quiet=quiet)
     _cli(registry, "audit", str(fused), quiet=quiet)
 
-    _step("10. a model card, PEFT out and back in, and what a Hub push would send", quiet)
+    _step("11. a model card, PEFT out and back in, and what a Hub push would send", quiet)
     card = workdir / "card.md"
     _cli(registry, "card", "tiny-trained@2", "--out", str(card), "--force", quiet=quiet)
     peft = workdir / "export-peft"
@@ -144,7 +189,7 @@ def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
     _cli(registry, "import", str(peft), "--name", "tiny-trained-from-peft", quiet=quiet)
     _cli(registry, "push", "tiny-trained@2", "you/tiny-trained", "--dry-run", quiet=quiet)
 
-    _step("11. LoReFT: edit hidden states at the prompt's first and last tokens; it cannot be fused", quiet)
+    _step("12. LoReFT: edit hidden states at the prompt's first and last tokens; it cannot be fused", quiet)
     _cli(registry, "train", "--kind", "loreft", "--data", str(colours), "--name", "tiny-colours-reft", "--layers", "2;3",
          "--rank", "4", "--positions", "f1+l1", "--iters", "30", "--learning-rate", "5e-3", "--base", "tiny-llama",
          "--val-batches", "4", "--steps-per-eval", "10", "--steps-per-report", "10", "--save-every", "10", quiet=quiet)
@@ -152,7 +197,7 @@ def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
     _cli(registry, "generate", "tiny-colours-reft", "--prompt", "what colour is the snow ?", "--max-tokens", "6", quiet=quiet)
     _cli(registry, "fuse", "tiny-colours-reft", "--base", "tiny-llama", "--out", str(workdir / "never"), quiet=quiet, expect=1)
 
-    _step("12. what it refuses: version 0, writing into the registry, a reused number; then verify --repair", quiet)
+    _step("13. what it refuses: version 0, writing into the registry, a reused number; then verify --repair", quiet)
     _cli(registry, "rm", "tiny-stories-lora@0", quiet=quiet, expect=1)
     _cli(registry, "export", "tiny-stories-lora", str(Path(registry) / "objects" / "exported"), quiet=quiet, expect=1)
     removed = json.loads(_cli(registry, "--json", "rm", "tiny-stories-lora-ckpt", quiet=True).stdout)["removed"]

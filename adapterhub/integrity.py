@@ -24,7 +24,7 @@ from .runs import process_alive
 from .store import open_db, read_tables, writer_pid
 
 INDEX_SCHEMAS = {"bases.json": "base_model", "datasets.json": "dataset", "fused.json": "fused_model",
-                 "runs.json": "training_run"}
+                 "runs.json": "training_run", "evals.json": "evaluation"}
 
 
 @dataclass
@@ -74,6 +74,7 @@ def verify(registry) -> VerifyReport:
     bases = {r["sha256"] for r in _index_rows(registry, "bases.json", report)}
     datasets = {r["sha256"] for r in _index_rows(registry, "datasets.json", report)}
     _index_rows(registry, "runs.json", report)
+    _index_rows(registry, "evals.json", report)
     for ref, record in found.records.items():
         for f in record["files"]:
             found.referenced.add(f["sha256"])
@@ -159,6 +160,11 @@ def _scan_versions(registry, report: VerifyReport) -> _Catalogue:
             report.problems.append(e.message)
             continue
         removed = {d.get("version") for d in tables.get("removed", {}).values()}
+        for doc_id, row in sorted(tables.get("evals", {}).items()):
+            try:
+                validate(row, "evaluation", what=f"{path.name} evaluation {doc_id}")
+            except SchemaError as e:
+                report.problems.append(e.message)
         numbers: dict[int, int] = {}
         for doc_id, record in sorted(tables.get("versions", {}).items()):
             where = f"record {name}@{record.get('version')}"

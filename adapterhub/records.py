@@ -185,3 +185,69 @@ def unapplied(version: AdapterVersion, created: bool, tags: dict, description: s
 def base_ref(record: dict) -> dict:
     """The four fields of a base that a version or fused model records about it."""
     return {k: record[k] for k in ("name", "sha256", "structure_sha256", "model_type")}
+
+
+# Scores that improve downwards; every other recorded score (exact_match, token_accuracy) improves upwards.
+LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """One recorded evaluation (schemas/evaluation.schema.json), and whether this call reused it.
+
+    `row` stays the dict the schema describes; readers use the properties.
+    """
+
+    row: dict
+    reused: bool = False
+
+    @classmethod
+    def from_dict(cls, doc: dict, reused: bool = False) -> "EvalResult":
+        return cls(dict(doc), reused)
+
+    def to_dict(self) -> dict:
+        return dict(self.row)
+
+    @property
+    def metric(self) -> str:
+        return self.row["metric"]
+
+    @property
+    def split(self) -> str:
+        return self.row["split"]
+
+    @property
+    def value(self) -> float:
+        return self.row["value"]
+
+    @property
+    def subject_sha256(self) -> str:
+        return self.row["subject"]["sha256"]
+
+    @property
+    def measure(self) -> tuple:
+        """What was measured, whatever it was measured on: the same measure on two subjects compares them."""
+        s = self.row["settings"]
+        return (self.row["dataset"]["sha256"], self.split, self.metric, s["batch_size"], s["max_seq_length"],
+                s["completion_only"])
+
+    @property
+    def key(self) -> tuple:
+        """A recorded evaluation is reused for the same subject, measure and base."""
+        return (self.subject_sha256, *self.measure, self.row["base"]["sha256"])
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """`{split}_{score}` -> value, the names `list --sort eval:` and `compare` use (test_loss, test_exact_match)."""
+        return {f"{self.split}_{name}": value for name, value in self.row["scores"].items()}
+
+    def summary(self) -> str:
+        s = self.row["scores"]
+        if self.metric == "loss":
+            shown = f"loss {s['loss']:.4f}" + (f", perplexity {s['perplexity']:.2f}" if "perplexity" in s else "")
+        else:
+            correct = self.row.get("correct")
+            shown = (f"exact match {100 * s['exact_match']:.1f} %"
+                     + (f" ({correct}/{self.row['examples']})" if correct is not None else "")
+                     + f", token accuracy {100 * s['token_accuracy']:.1f} %")
+        return f"{self.split} {shown} on {self.row['dataset']['name']} ({self.row['examples']} examples)"

@@ -27,7 +27,7 @@ from .foreign import ForeignFolders, imported_from, origin_of
 from .files import read_json, write_json
 from .outputs import Outputs
 from .runs import TrainingRuns
-from .store import Catalogue, ObjectStore, RegistryLock
+from .store import MODEL_EVALS, Catalogue, ObjectStore, RegistryLock
 
 # A byte-progress factory: (description, total bytes) -> context manager yielding advance(n).
 ProgressFactory = Callable[[str, int], ContextManager[Callable[[int], None]]]
@@ -400,6 +400,38 @@ class Registry(BaseModels, TrainingRuns, Outputs, ForeignFolders):
             for sha in self.catalogue.drop_version(version.record, now()):
                 self.objects.remove(sha)
             return version
+
+    # ---- evaluations --------------------------------------------------------
+
+    def record_eval(self, row: dict) -> dict:
+        """Append one evaluation (schemas/evaluation.schema.json) to what it evaluated: an adapter version's
+        catalogue file, or the rows of base and fused models. Rows are never changed or removed."""
+        subject = row.get("subject") or {}
+        validate(row, "evaluation", what=f"evaluation of {subject.get('ref') or subject.get('name')}")
+        with self._transaction():
+            if subject["kind"] == "adapter":
+                # Under the lock: the version may have been removed since it was evaluated.
+                version = self.resolve(subject["ref"])
+                if version.sha256 != subject["sha256"]:
+                    raise ConflictError(f"{version.ref} is no longer the weights that were evaluated "
+                                        f"({subject['sha256'][:12]})", hint="evaluate it again")
+                self.catalogue.add_eval(version.name, row)
+            else:
+                self.catalogue.add_model_eval(row)
+        return row
+
+    def evaluations(self, subject: AdapterVersion | str) -> list[dict]:
+        """Evaluations recorded on a version, or on the base or fused model with this sha256; oldest first."""
+        self._require()
+        if isinstance(subject, AdapterVersion):
+            rows = [r for r in self.catalogue.evals(subject.name)
+                    if isinstance(r.get("subject"), dict) and r["subject"].get("sha256") == subject.sha256]
+            where = self.catalogue.adapter_path(subject.name)
+        else:
+            rows, where = self.catalogue.model_evals(subject), self.catalog / MODEL_EVALS
+        for row in rows:
+            validate(row, "evaluation", what=f"an evaluation in {where}")
+        return rows
 
     # ---- integrity ----------------------------------------------------------
 

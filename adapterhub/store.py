@@ -208,6 +208,7 @@ _ROW_KEYS = {"versions": {"name": str, "version": int, "sha256": str},
              "aliases": {"alias": str, "version": int},
              "removed": {"version": int, "sha256": str, "removed_at": str}}
 _CATALOGUE_NAME = re.compile(r"[a-z][a-z0-9._-]*")
+MODEL_EVALS = "evals.json"  # evaluations of bases and fused models; a version's live in its adapter file
 
 
 def _check_shapes(path: Path, tables: dict) -> None:
@@ -303,6 +304,30 @@ class Catalogue:
         if by_base is not None and not any((v.get("base") or {}).get("sha256") == base_sha for v in self.entry(name)[0]):
             by_base.remove(Query().name == name)
         return unreferenced
+
+    # ---- evaluations ------------------------------------------------------------
+
+    def add_eval(self, name: str, row: dict) -> None:
+        """Append an evaluation of a version of `name` to its catalogue file (table `evals`): append-only,
+        so a recomputation never hides what was measured before, and `rm` keeps them with the number."""
+        open_db(self.adapter_path(name)).table("evals").insert(row)
+
+    def evals(self, name: str) -> list[dict]:
+        """Every evaluation recorded on versions of `name`, oldest first."""
+        if not _CATALOGUE_NAME.fullmatch(name):
+            return []
+        docs = read_tables(self.adapter_path(name)).get("evals", {})
+        return [docs[i] for i in sorted(docs)]
+
+    def add_model_eval(self, row: dict) -> None:
+        """Append an evaluation of a base model or fused model (they have no catalogue file of their own)."""
+        self.insert(MODEL_EVALS, row)
+
+    def model_evals(self, sha256: str) -> list[dict]:
+        """Evaluations recorded on the base or fused model with this sha256, oldest first."""
+        rows = sorted(self.rows(MODEL_EVALS), key=lambda r: r["doc_id"])
+        return [{k: v for k, v in r.items() if k != "doc_id"} for r in rows
+                if isinstance(r.get("subject"), dict) and r["subject"].get("sha256") == sha256]
 
     # ---- indexes --------------------------------------------------------------
 

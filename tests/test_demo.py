@@ -22,6 +22,12 @@ def test_demo_runs_the_lifecycle_into_a_fresh_registry(tmp_path):
     assert [r["status"] for r in reg.runs()] == ["finished", "finished", "finished"]
     assert "same tokens" in done.stdout and "exact: the base is back, bit for bit" in done.stdout
     assert len(reg.fused_models()) == 1
+    # The evaluation step: the adapter answers the colour questions the base cannot, side by side, best marked.
+    scores = {label: [r["value"] for r in reg.evaluations(subject) if r["metric"] == "exact-match"]
+              for label, subject in (("base", reg.base("tiny-llama")["sha256"]), ("v2", reg.resolve("tiny-trained@2")))}
+    assert scores["base"][-1] <= 0.2 and scores["v2"][-1] >= 0.5, scores
+    assert "exact-match on the colour questions: tiny-llama 0 %" in done.stdout and "* best in its row" in done.stdout
+    assert "greedy tokens agree at 100.0 %" in done.stdout  # the fused model against base + adapter
     assert reg.resolve("tiny-stories-lora@prod").version == 1
     assert reg.verify().ok
     shown = json.loads(subprocess.run([sys.executable, "-m", "adapterhub.cli", "--registry", str(registry), "--json", "show",

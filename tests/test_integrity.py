@@ -228,3 +228,10 @@ def test_repair_keeps_what_a_live_process_is_writing_and_removes_stray_files(cli
     removed = json.loads(out_text)["repaired"]["removed"]
     assert code == 0 and removed == {"stray files": [str(registry.objects.root / pending[:2] / "README")]}
     assert live.exists() and registry.objects.has(pending) and staging_path(out, "fuse", os.getpid()).exists()
+
+
+def test_verify_checks_recorded_evaluations(cli, registry, two_versions):
+    _edit_tables(registry.catalog / "adapters" / "stories.json",
+                 lambda d: d.setdefault("evals", {}).update({"1": {"metric": "test_loss", "value": "low"}}))
+    code, out, _ = cli("verify")
+    assert code == 1 and "does not match schema 'evaluation'" in out

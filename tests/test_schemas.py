@@ -8,7 +8,7 @@ from adapterhub.schemas import names, schema_dir, validate
 from adapterhub.store import open_db
 
 EXPECTED = {"adapter_version", "base_model", "dataset", "fused_model", "training_run", "checkpoint", "policy",
-            "registry", "mlx_adapter_config"}
+            "registry", "mlx_adapter_config", "evaluation", "staging"}
 
 
 def test_every_record_kind_has_a_schema_that_is_itself_valid():

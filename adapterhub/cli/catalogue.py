@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import AdapterHubError
-from ..records import AdapterVersion, unapplied
+from ..records import AdapterVersion, EvalResult, unapplied
 from ..registry import Registry
 from .context import Context, parse_tags, pass_ctx
 
@@ -20,7 +20,7 @@ def _version_line(v: AdapterVersion) -> str:
     return f"{v.ref:<32} {v.kind:<6} {v.rank:>4}  {base:<24} {aliases:<12} {tags:<20} {v.record['created_at']}"
 
 
-def _show_text(v: AdapterVersion) -> str:
+def _show_text(v: AdapterVersion, evaluations: list[dict] = ()) -> str:
     r = v.record
     base, data = r.get("base"), r.get("dataset")
     lines = [
@@ -46,6 +46,11 @@ def _show_text(v: AdapterVersion) -> str:
         hp = r["training"].get("hyperparameters") or {}
         shown = {k: hp[k] for k in ("iters", "batch_size", "learning_rate", "optimizer", "seed") if k in hp}
         lines.append(f"  training   {r['training'].get('tool')}: {', '.join(f'{k}={val}' for k, val in shown.items())}")
+    newest = {}
+    for result in map(EvalResult.from_dict, evaluations):
+        newest[result.key] = result  # a measurement repeated with --force shows its latest value
+    for result in newest.values():
+        lines.append(f"  eval       {result.summary()}, base {result.row['base']['name']}, {result.row['created_at']}")
     if r.get("description"):
         lines.append(f"  about      {r['description']}")
     lines.append(f"  created    {r['created_at']}")
@@ -140,18 +145,57 @@ def import_(ctx: Context, folder: Path, name: str, base_: str | None, dataset: P
                    err=True)
 
 
+def _check_sort(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from ..evaluation import parse_sort
+
+    if value is not None:
+        try:
+            parse_sort(value)
+        except AdapterHubError as e:
+            raise click.BadParameter(str(e), param_hint="--sort") from None
+    return value
+
+
 @click.command("list")
 @click.option("--base", "base_", help="Only versions on this base (name or sha256).")
 @click.option("--kind", type=click.Choice(["lora", "dora", "loreft"]))
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE")
 @click.option("--name", "name_glob", metavar="GLOB", help="Only names matching this glob.")
+@click.option("--sort", "sort_key", metavar="FIELD|eval:METRIC", callback=_check_sort,
+              help="Order by a field (name, created_at, rank, ...; -FIELD reverses) or by a recorded score, best "
+                   "first (eval:test_loss, eval:test_exact_match, ...).")
 @pass_ctx
-def list_(ctx: Context, base_: str | None, kind: str | None, tags: tuple[str, ...], name_glob: str | None) -> None:
+def list_(ctx: Context, base_: str | None, kind: str | None, tags: tuple[str, ...], name_glob: str | None,
+          sort_key: str | None) -> None:
     """List adapter versions."""
     versions = ctx.registry.list(base_, kind, parse_tags(tags), name_glob)
     header = f"{'REF':<32} {'KIND':<6} {'RANK':>4}  {'BASE':<24} {'ALIASES':<12} {'TAGS':<20} CREATED"
-    ctx.emit([v.to_dict() for v in versions],
-             "\n".join([header] + [_version_line(v) for v in versions]) if versions else "no adapters match")
+    if not sort_key:
+        ctx.emit([v.to_dict() for v in versions],
+                 "\n".join([header] + [_version_line(v) for v in versions]) if versions else "no adapters match")
+        return
+    from ..evaluation import sort_versions
+
+    ordered = sort_versions(ctx.registry, versions, sort_key)
+    score = sort_key.lstrip("-").removeprefix("eval:") if "eval:" in sort_key else None
+    if score is None:
+        ctx.emit([v.to_dict() for v, _ in ordered],
+                 "\n".join([header] + [_version_line(v) for v, _ in ordered]) if ordered else "no adapters match")
+        return
+    share, width = score.endswith(("exact_match", "token_accuracy")), max(12, len(score))
+
+    def shown(r: EvalResult | None) -> str:
+        return "-" if r is None else f"{100 * r.scores[score]:.1f} %" if share else f"{r.scores[score]:.4f}"
+
+    ctx.emit([v.to_dict() | {"sorted_by": {"score": score, "value": r.scores[score] if r else None,
+                                           "dataset": r.row["dataset"] if r else None}} for v, r in ordered],
+             "\n".join([f"{score.upper():>{width}}  {'DATASET':<16} " + header]
+                        + [f"{shown(r):>{width}}  {(r.row['dataset']['name'] if r else '-'):<16} " + _version_line(v)
+                           for v, r in ordered]) if ordered else "no adapters match")
+    datasets = {r.row["dataset"]["sha256"]: r.row["dataset"]["name"] for _, r in ordered if r}
+    if len(datasets) > 1 and not ctx.quiet and not ctx.as_json:
+        click.echo(f"note: {score} comes from {len(datasets)} datasets ({', '.join(sorted(datasets.values()))}); scores on "
+                   f"different data do not rank — run 'adapterhub compare REF... --data DIR'", err=True)
 
 
 @click.command()
@@ -160,7 +204,8 @@ def list_(ctx: Context, base_: str | None, kind: str | None, tags: tuple[str, ..
 def show(ctx: Context, ref: str) -> None:
     """Show one adapter version."""
     version = ctx.registry.resolve(ref)
-    ctx.emit(version.to_dict(), _show_text(version))
+    evaluations = ctx.registry.evaluations(version)
+    ctx.emit(version.to_dict() | {"evaluations": evaluations}, _show_text(version, evaluations))
 
 
 @click.command()
