@@ -10,10 +10,16 @@ import os
 from pathlib import Path
 
 from . import naming
-from .errors import ConflictError, NotFoundError
+from .errors import ConflictError, CorruptRegistryError, NotFoundError
 from .fingerprint import fingerprint_model
 from .records import now
 from .schemas import validate
+
+
+# The fields readers of each row file index by.
+_ROW_FIELDS = {"base_model": {"name": str, "sha256": str, "structure_sha256": str, "config": dict, "files": list,
+                              "tensors": dict},
+               "dataset": {"name": str, "sha256": str, "files": list, "examples": dict}}
 
 
 class BaseModels:
@@ -29,11 +35,15 @@ class BaseModels:
         return found | {b["sha256"]: b for b in bases}
 
     def _rows(self, filename: str, schema: str) -> list[dict]:
-        """Every row of a catalogue file, each checked against its schema: a hand-edited row is named, not tripped over."""
+        """Every row of a catalogue file, each with the fields readers use: a hand-edited row is named, not
+        tripped over. The full schema is checked on write and by verify (jsonschema is too slow for `list`)."""
         self._require()
         rows = [{k: v for k, v in row.items() if k != "doc_id"} for row in self.catalogue.rows(filename)]
         for row in rows:
-            validate(row, schema, what=f"{self.catalog / filename} row {row.get('name', row.get('id'))!r}")
+            bad = [k for k, kind in _ROW_FIELDS[schema].items() if not isinstance(row.get(k), kind)]
+            if bad:
+                raise CorruptRegistryError(f"{self.catalog / filename} row {row.get('name')!r} does not match schema "
+                                           f"'{schema}': no valid {', '.join(bad)}", hint="run 'adapterhub verify'")
         return rows
 
     def base(self, name_or_sha: str) -> dict:

@@ -65,7 +65,7 @@ class _Catalogue:
 def verify(registry) -> VerifyReport:
     report = VerifyReport()
     try:
-        registry._marker()
+        registry._marker(full=True)
         registry.policy
     except AdapterHubError as e:
         report.problems.append(e.message)

@@ -100,12 +100,19 @@ class Registry(BaseModels, TrainingRuns, Outputs, ForeignFolders):
                 upgrade(self, self._marker())
         self._format_checked = True
 
-    def _marker(self) -> dict:
-        marker = read_json(self.root / "registry.json")
+    def _marker(self, full: bool = False) -> dict:
+        """registry.json; `full` checks it against its schema (verify), otherwise only what reads need,
+        so `list` and `show` never import jsonschema."""
+        path = self.root / "registry.json"
+        marker = read_json(path)
         if marker is None:
             raise NotFoundError(f"no registry at {self.root}", hint=f"run 'adapterhub init {self.root}'",
                                 kind="registry", key=self.root)
-        validate(marker, "registry", what=str(self.root / "registry.json"))
+        if full:
+            validate(marker, "registry", what=str(path))
+        elif not (isinstance(marker, dict) and isinstance(marker.get("format"), int) and not isinstance(marker["format"], bool)):
+            raise CorruptRegistryError(f"{path} is damaged: it has no format number",
+                                       hint="restore it from a backup; then run 'adapterhub verify'")
         return marker
 
     @contextmanager
