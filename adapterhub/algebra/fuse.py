@@ -1,37 +1,51 @@
-"""Streaming fuse: bake adapters into a base model, one tensor at a time.
+"""Streaming fuse: bake adapters into a base model, as a pipeline with bounded memory.
 
 Tensors no adapter touches are copied byte for byte; a targeted tensor is
-computed exactly as mlx-lm computes it. When no dtype or shape changes, each
-output shard reuses its base shard's header verbatim, so only the targeted
-bytes differ from the base file. Restore data (XOR against the naive inverse,
-compressed, plus the original bytes of every file fuse rewrites) goes to the
-registry's object store, so `unfuse` can rebuild the base bit for bit.
+computed exactly as mlx-lm computes it, on MLX's default device. When no dtype
+or shape changes, each output shard reuses its base shard's header verbatim, so
+only the targeted bytes differ from the base file. Restore data (the residual
+against the naive inverse, compressed, plus the original bytes of every file
+fuse rewrites) goes to the registry's object store, so `unfuse` can rebuild the
+base bit for bit.
+
+Every output file's layout is fixed before the first byte is written, so the
+work splits across threads: this thread reads and computes one module at a
+time; each output file has a writer (safetensors_io.ShardWriter) that copies
+the untouched ranges in the kernel and hashes and writes everything in order;
+restore data is encoded and written on a worker thread. A byte budget bounds
+what is computed and not yet written. `ADAPTERHUB_PROFILE=1` prints where the
+seconds went, and the returned record's `profile` holds them.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
-import time
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 
-import numpy as np
-
 from .. import naming
-from ..errors import ConflictError, IncompatibleError, InvalidAdapterError
-from ..fingerprint import config_essentials, model_sha256, weight_files
-from ..registry import RECORD_FILE
-from ..safetensors_io import (StreamingWriter, build_header, header_bytes, read_header, safetensors_dtype,
-                              tensor_bytes)
-from ..schemas import validate
 from ..card import fused_card
-from ..store import atomic_write, read_json, require_new_folder, write_json
+from ..errors import ConflictError, IncompatibleError, InvalidAdapterError
+from ..files import atomic_write, read_json, require_new_folder, write_json
+from ..fingerprint import config_essentials, model_sha256, weight_files
+from ..records import RECORD_FILE, now
+from ..safetensors_io import (DTYPE_SIZES, ByteBudget, Profile, ShardWriter, build_header, format_profile,
+                              has_non_finite, header_bytes, read_header, safetensors_dtype, tensor_bits, tensor_bytes)
+from ..schemas import validate
 from . import restore as restore_data
 from .fusion import deltas_for, fuse_module, group_members, module_updates, naive_base, quantization_for
 
 INDEX_FILE = "model.safetensors.index.json"
+PROFILE_ENV = "ADAPTERHUB_PROFILE"
+REWRITTEN_FILES = ("README.md", "config.json", INDEX_FILE)  # fuse may write its own: restore data keeps the base's
+# Computed tensors handed to the writers and not yet written: enough to keep every writer busy,
+# small against the model (a tensor larger than this still passes, alone).
+IN_FLIGHT_BYTES = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -123,37 +137,114 @@ def plan_fuse(registry, refs: list[str], base: str, out: Path, dequantize: bool 
     return FusePlan(base_record, base_path, versions, out, dequantize, keep_restore, notes=notes, force=force)
 
 
-def _module_outputs(module, tensors, updates, config_quant, dequantize, base_dtypes, keep_restore):
+@dataclass
+class _Module:
+    """One module's outputs as lazy MLX graphs: their dtypes and shapes fix each file's layout before anything runs."""
+
+    fused: dict  # output tensor name -> array, dropped as each is handed to its writer
+    extras: dict  # what the inverse needs beyond the fused weights (DoRA row norms)
+    members: list  # the base tensors it is computed from
+    naive: dict  # the naive inverse, for restore data ({} without restore data)
+    evaluated: bool = False
+
+
+def _module(module, tensors, updates, config_quant, dequantize, base_dtypes, keep_restore) -> _Module:
     q = quantization_for(module, config_quant) if f"{module}.scales" in tensors else None
     deltas = deltas_for(updates, base_dtypes, module, q)
     fused, extras = fuse_module(module, tensors, updates, q, dequantize, deltas)
     members = group_members(module, tensors, q is not None)
     naive = naive_base(module, fused, updates, q, dequantize and q is not None, base_dtypes, extras, deltas) if keep_restore else {}
-    return fused, extras, members, naive
+    return _Module(fused, extras, members, naive)
 
 
-def _residual(base, naive) -> bytes:
-    """Runs on a worker thread: numpy releases the GIL for the heavy parts."""
-    width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[base.dtype.size]
-    is_float = "float" in str(base.dtype)
-    return restore_data.encode(np.frombuffer(tensor_bytes(base), width), np.frombuffer(tensor_bytes(naive), width), is_float)
+class _RestoreParts:
+    """Restore data written on one worker thread, in the order its parts are queued.
+
+    Encoding a residual (numpy releases the GIL) and writing it overlap the next modules;
+    at most a few parts wait, so memory stays bounded.
+    """
+
+    WAITING = 4
+
+    def __init__(self, writer: restore_data.RestoreWriter, profile: Profile):
+        self.writer, self._profile = writer, profile
+        self._worker, self._pending = ThreadPoolExecutor(max_workers=1), deque()
+
+    def add(self, name: str, data: bytes) -> None:
+        self._queue(self.writer.add, name, data)
+
+    def residual(self, name: str, base, naive, is_float: bool) -> None:
+        """base and naive: bit arrays (numpy views of evaluated mlx arrays, which they keep alive)."""
+        self._queue(self._encode, name, base, naive, is_float)
+
+    def _encode(self, name: str, base, naive, is_float: bool) -> None:
+        with self._profile.timing("restore"):
+            data = restore_data.encode(base, naive, is_float)
+        self.writer.add(name, data)
+
+    def _queue(self, work, *args) -> None:
+        self._pending.append(self._worker.submit(work, *args))
+        self._wait(self.WAITING)
+
+    def _wait(self, waiting: int) -> None:
+        with self._profile.timing("waiting"):
+            while len(self._pending) > waiting:
+                self._pending.popleft().result()
+
+    def finish(self) -> dict:
+        """Every part written, the file hashed and synced: {sha256, size}. The writer's `keep` stores it."""
+        self._wait(0)
+        self._worker.shutdown()
+        return self.writer.finish(self._profile)
+
+    def abort(self) -> None:
+        self._worker.shutdown(cancel_futures=True)
+        self.writer.abort()
+
+
+def _layout(header, entries: list[tuple[str, str, tuple, str | None]]) -> tuple[bytes, list[tuple], list[tuple[str, str]]]:
+    """An output file's header, its parts for ShardWriter, and the (tensor, module) pairs to compute, in file order.
+
+    `entries` is the output in base order: (name, dtype, shape, module or None for a tensor
+    copied as it is). Runs of copied tensors are one range of the base file: one large copy.
+    """
+    same = len(entries) == len(header.tensors) and all(
+        (header.tensors[n].dtype, header.tensors[n].shape) == (d, tuple(s)) for n, d, s, _ in entries)
+    # Unchanged dtypes and shapes: the base header verbatim, so only the fused tensors' bytes differ from the base file.
+    raw = header_bytes(header) if same else build_header([(n, d, s) for n, d, s, _ in entries], header.metadata or None)
+    parts, computed = [], []
+    for name, dtype, shape, module in entries:
+        if module is None:
+            t = header.tensors[name]
+            if parts and parts[-1][0] == "copy" and parts[-1][1] + parts[-1][2] == header.data_start + t.begin:
+                parts[-1] = ("copy", parts[-1][1], parts[-1][2] + t.end - t.begin)
+            else:
+                parts.append(("copy", header.data_start + t.begin, t.end - t.begin))
+        else:
+            parts.append(("put", prod(shape) * DTYPE_SIZES[dtype]))
+            computed.append((name, module))
+    return raw, parts, computed
 
 
 def execute_fuse(plan: FusePlan, registry, progress=None, force: bool | None = None) -> dict:
-    """Write the fused model into `plan.out` and register it; returns its record.
+    """Write the fused model into `plan.out` and register it; returns its record, with `seconds` and `profile`.
 
     `force` (default: the plan's) replaces an existing `plan.out`. The model is written into a
     journalled staging folder and renamed into place only when every tensor is written and finite.
+
+    A pipeline: this thread reads and computes the targeted tensors, module by module, on
+    MLX's default device; one writer thread per output file copies the untouched ranges in
+    the kernel and hashes and writes everything, in order; restore data is encoded on a
+    worker thread. A byte budget bounds what is computed and not yet written.
+    `ADAPTERHUB_PROFILE=1` prints where the seconds went; the record's `profile` holds them.
     """
     import mlx.core as mx
 
-    started = time.perf_counter()
+    profile = Profile()
     force = plan.force if force is None else force
     inputs = (plan.base_path,)
-    # Again here, before add_base writes to the registry: the folder may have appeared since the plan.
+    # Again here, before anything is written: the folder may have appeared since the plan.
     require_new_folder(plan.out, (*inputs, registry.root), force)
-    base_record = registry.add_base(plan.base_path)[0]
-    plan = replace(plan, base=base_record)
     adapters = [(v.ref, v.record["kind"], v.record["scale"], registry.weights(v)) for v in plan.adapters]
     files = weight_files(plan.base_path)
     headers = {p.name: read_header(p) for p in files}
@@ -165,122 +256,136 @@ def execute_fuse(plan: FusePlan, registry, progress=None, force: bool | None = N
     for p in files:
         lazy.update(mx.load(str(p)))
     base_dtypes = {k: v.dtype for k, v in lazy.items()}
-    modules = set(updates)
+    names = set(updates)
     if plan.dequantize:
-        modules |= {k[: -len(".scales")] for k in base_tensors if k.endswith(".scales")}
-    member_of = {}
-    for module in modules:
-        for name in group_members(module, base_tensors, f"{module}.scales" in base_tensors):
-            member_of[name] = module
+        names |= {k[: -len(".scales")] for k in base_tensors if k.endswith(".scales")}
+    modules = {m: _module(m, lazy, updates.get(m, []), config_quant, plan.dequantize, base_dtypes, plan.keep_restore)
+               for m in sorted(names)}
+    member_of = {name: m for m, module in modules.items() for name in module.members}
 
-    # Residuals encode on another core while the next tensors stream; MLX's buffer cache is capped
-    # so freed tensors do not pile up: memory stays near one module, whatever the model's size.
-    encoder, pending = ThreadPoolExecutor(max_workers=1), deque()
-    restore = restore_data.RestoreWriter(registry.objects) if plan.keep_restore else None
+    layouts, index_map = [], {}
+    for path in files:
+        header = headers[path.name]
+        entries = []
+        for name in sorted(header.tensors, key=lambda n: header.tensors[n].begin):
+            module = member_of.get(name)
+            if module is None:
+                entries.append((name, header.tensors[name].dtype, header.tensors[name].shape, None))
+            elif name in modules[module].fused:  # a --dequantize fuse drops scales and biases
+                tensor = modules[module].fused[name]
+                entries.append((name, safetensors_dtype(tensor), tuple(tensor.shape), module))
+        layouts.append(_layout(header, entries))
+        index_map.update({name: path.name for name, *_ in entries})
+
+    # MLX's buffer cache is capped so freed tensors do not pile up: memory stays near a few
+    # modules and the bytes in flight, whatever the model's size.
+    restore = None
+    if plan.keep_restore:
+        names = [f"header/{p.name}" for p in files] + [f"file/{n}" for n in REWRITTEN_FILES]
+        names += [f"{kind}/{key}" for m in modules.values() for kind, keys in (("residual", m.members), ("extra", m.extras))
+                  for key in keys]
+        restore = _RestoreParts(restore_data.RestoreWriter(registry.objects, names), profile)
+    budget = ByteBudget(IN_FLIGHT_BYTES)
     previous_cache_limit = mx.set_cache_limit(256 << 20)
     try:
         with registry.staged_output(plan.out, "fuse", inputs, force) as staging:
-            out_files, index_map = [], {}
-            computed: dict[str, tuple] = {}
-            for path in files:
-                header = headers[path.name]
-                order = sorted(header.tensors, key=lambda n: header.tensors[n].begin)
-                entries, sources = [], []
-                for name in order:
-                    module = member_of.get(name)
-                    if module is None:
-                        t = header.tensors[name]
-                        entries.append((name, t.dtype, t.shape))
-                        sources.append((name, None))
-                        continue
-                    if module not in computed:
-                        computed[module] = _module_outputs(module, lazy, updates.get(module, []), config_quant,
-                                                           plan.dequantize, base_dtypes, plan.keep_restore)
-                    fused = computed[module][0]
-                    if name in fused:
-                        entries.append((name, safetensors_dtype(fused[name]), tuple(fused[name].shape)))
-                        sources.append((name, module))
-                same = all(header.tensors.get(n) is not None and (header.tensors[n].dtype, header.tensors[n].shape) == (d, s)
-                           for n, d, s in entries) and len(entries) == len(order)
-                raw_header = header_bytes(header) if same else build_header(entries, header.metadata or None)
-                if restore:
-                    restore.add(f"header/{path.name}", header_bytes(header))
-                with open(path, "rb") as src, StreamingWriter(staging / path.name, raw_header, progress) as writer:
-                    for name, module in sources:
-                        if module is None:
-                            t = header.tensors[name]
-                            writer.copy_range(src, header.data_start + t.begin, t.end - t.begin)
-                            continue
-                        fused, extras, members, naive = computed[module]
-                        mx.eval(fused[name])
-                        _require_finite(fused[name], name, plan)
-                        writer.write(tensor_bytes(fused.pop(name)))
-                        if name == f"{module}.weight" and plan.keep_restore:
-                            mx.eval(naive, extras)
-                            for member in members:
-                                pending.append((f"residual/{member}", encoder.submit(_residual, lazy[member], naive[member])))
-                            for key, value in extras.items():
-                                restore.add(f"extra/{key}", tensor_bytes(value.astype(mx.float32)))
-                            naive.clear()
-                            while len(pending) > 4:  # bounded: encoded parts go to disk, not memory
-                                part, future = pending.popleft()
-                                restore.add(part, future.result())
-                        if not fused:
-                            # Written in full: free it, and its base tensors too (an evaluated lazy array stays
-                            # materialised while referenced), so memory stays near one module.
-                            del computed[module]
-                            for member in members:
-                                lazy.pop(member, None)
-                    sha, size = writer.close()
-                out_files.append({"name": path.name, "sha256": sha, "size": size})
-                index_map.update({name: path.name for name, _, _ in entries})
-            for part, future in pending:
-                restore.add(part, future.result())
+            if restore:
+                for path in files:
+                    restore.add(f"header/{path.name}", header_bytes(headers[path.name]))
             _copy_side_files(plan, staging, config, index_map, restore)
-            restore_record = _restore_record(registry, restore.finish()) if restore else None
+            writers = []
+            try:
+                for path, (raw, parts, _) in zip(files, layouts):
+                    writers.append(ShardWriter(staging / path.name, raw, parts, path, budget, profile, progress))
+                for writer, (_, _, computed) in zip(writers, layouts):
+                    for name, module in computed:
+                        m = modules[module]
+                        if not m.evaluated:
+                            _evaluate(m, lazy, plan, restore, profile)
+                        writer.put(tensor_bits(m.fused.pop(name)))
+                        if not m.fused:
+                            # Handed over in full: drop it and its base tensors (an evaluated lazy array
+                            # stays materialised while referenced), so memory stays near a few modules.
+                            del modules[module]
+                            for member in m.members:
+                                lazy.pop(member, None)
+                # The restore data is finished while the writers finish their files, and stored once they have.
+                restore_record = _restore_record(registry, restore.finish()) if restore else None
+                out_files = []
+                for path, writer in zip(files, writers):
+                    sha, size = writer.close()
+                    out_files.append({"name": path.name, "sha256": sha, "size": size})
+            except BaseException:
+                for writer in writers:
+                    writer.abort()
+                raise
+            if restore:
+                restore.writer.keep()
+            # Registered only now, with the fused model: a refused fuse leaves the registry as it was.
+            base = registry.add_base(plan.base_path)[0]
             record = {
                 # Hashed as fingerprint_model hashes a folder, so the fused folder fingerprints to its record.
                 "sha256": model_sha256(out_files, config_essentials(read_json(staging / "config.json") or {})),
                 "path": str(plan.out.resolve()),
-                "base": {k: plan.base[k] for k in ("name", "sha256", "structure_sha256", "model_type")},
+                "base": {k: base[k] for k in ("name", "sha256", "structure_sha256", "model_type")},
                 "adapters": [{"ref": v.ref, "sha256": v.sha256} for v in plan.adapters],
                 "files": out_files, "dequantized": plan.dequantize, "restore": restore_record,
-                "created_at": _now(),
+                "created_at": now(),
             }
             validate(record, "fused_model", what="fused model record")
             write_json(staging / RECORD_FILE, record)
             with atomic_write(staging / "README.md", "w") as f:
                 f.write(fused_card(registry, record, plan.out))
     except BaseException:
-        encoder.shutdown(cancel_futures=True)
         if restore:
             restore.abort()
         raise
     finally:
         mx.set_cache_limit(previous_cache_limit)
-    encoder.shutdown()
     registry.register_fused(record)
-    record["seconds"] = round(time.perf_counter() - started, 3)
-    return record
+    return _with_profile(record, profile)
 
 
-def _require_finite(tensor, name: str, plan: FusePlan) -> None:
-    """Refuse a fused tensor holding inf or NaN: an update too large for the base's dtype overflows silently,
-    and a model that loads but computes NaN is worse than no model."""
+def _with_profile(report: dict, profile: Profile) -> dict:
+    """The report plus `seconds` and `profile` (kept out of the stored record), printed under ADAPTERHUB_PROFILE=1."""
+    times = profile.to_dict()
+    if os.environ.get(PROFILE_ENV, "") not in ("", "0"):
+        print(format_profile(times), file=sys.stderr)
+    return {**report, "seconds": times["wall"], "profile": times}
+
+
+def _evaluate(m: _Module, lazy: dict, plan: FusePlan, restore: _RestoreParts | None, profile: Profile) -> None:
+    """Read, compute and check one module; queue its restore data. Its outputs are evaluated
+    together: they share their inputs, so one pass computes them all."""
     import mlx.core as mx
 
-    if not mx.issubdtype(tensor.dtype, mx.floating) or mx.all(mx.isfinite(tensor)).item():
+    with profile.timing("reading"):
+        mx.eval([lazy[name] for name in m.members])
+    with profile.timing("computing"):
+        mx.eval(list(m.fused.values()))
+        for name, value in m.fused.items():
+            if has_non_finite(tensor_bits(value), safetensors_dtype(value)):
+                _refuse_non_finite(value, name, plan)
+    m.evaluated = True
+    if restore is None:
         return
+    with profile.timing("restore"):
+        mx.eval(m.naive, m.extras)
+        for member in m.members:
+            is_float = mx.issubdtype(lazy[member].dtype, mx.floating)
+            restore.residual(f"residual/{member}", tensor_bits(lazy[member]), tensor_bits(m.naive[member]), is_float)
+        for key, value in m.extras.items():
+            restore.add(f"extra/{key}", tensor_bytes(value.astype(mx.float32)))
+    m.naive.clear()
+
+
+def _refuse_non_finite(tensor, name: str, plan: FusePlan) -> None:
+    """Refuse a fused tensor holding inf or NaN: an update too large for the base's dtype overflows silently,
+    and a model that loads but computes NaN is worse than no model."""
     refs = ", ".join(v.ref for v in plan.adapters)
     raise InvalidAdapterError(
         f"fusing {refs} makes {name} non-finite (inf or NaN) in {str(tensor.dtype).removeprefix('mlx.core.')}: "
         "the update is too large for the base's dtype", hint="check the adapter's scale and weights; nothing was written")
-
-
-def _now() -> str:
-    from ..registry import now
-
-    return now()
 
 
 def _copy_side_files(plan: FusePlan, staging: Path, config: dict, index_map: dict, restore) -> None:
@@ -288,7 +393,7 @@ def _copy_side_files(plan: FusePlan, staging: Path, config: dict, index_map: dic
     for item in sorted(plan.base_path.iterdir()):
         if item.suffix == ".safetensors" or item.name in (RECORD_FILE,) or item.name.startswith("."):
             continue
-        if item.name in ("README.md", "config.json", INDEX_FILE) and restore:
+        if item.name in REWRITTEN_FILES and restore:
             restore.add(f"file/{item.name}", item.read_bytes())
         if item.name == "README.md":
             continue

@@ -1,28 +1,38 @@
 """Unfuse: the base model back from a fused one.
 
 With restore data the base is rebuilt bit for bit (original headers, the naive
-inverse XOR the stored difference, the original side files) and proven against
-the base fingerprint in the registry. Without it, the updates are subtracted
-and the report says how far from exact that is, instead of claiming exactness.
+inverse corrected by the stored residual, the original side files) and proven
+against the base fingerprint in the registry. Without it, the updates are
+subtracted and the report says how far from exact that is, instead of claiming
+exactness.
+
+The same pipeline as fuse: unchanged tensors are copied in the kernel by each
+file's writer, the naive inverse is computed here, and residuals are decoded
+and compared with the base on a worker thread, a few tensors behind.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InvalidAdapterError, NotFoundError
+from ..files import read_json, require_new_folder
 from ..fingerprint import config_essentials, model_sha256, weight_files
-from ..safetensors_io import (StreamingWriter, build_header, parse_header, read_bits, read_header, safetensors_dtype,
-                              tensor_bytes)
+from ..records import RECORD_FILE
+from ..safetensors_io import (DTYPE_SIZES, FLOAT_DTYPES, ByteBudget, Profile, ShardWriter, build_header, format_profile,
+                              parse_header, read_bits, read_header, safetensors_dtype, tensor_bits)
 from ..schemas import validate
-from ..store import read_json, require_new_folder
 from . import restore as restore_data
-from ..registry import RECORD_FILE
-from .fuse import INDEX_FILE
+from .fuse import IN_FLIGHT_BYTES, INDEX_FILE, PROFILE_ENV
 from .fusion import deltas_for, group_members, module_updates, naive_base, quantization_for
 
 
@@ -35,6 +45,7 @@ class UnfuseReport:
     inexact_fraction: float | None = None
     max_abs_error: float | None = None
     notes: list[str] = field(default_factory=list)
+    profile: dict | None = None  # seconds per activity (see safetensors_io.Profile)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -74,6 +85,7 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
         restore = restore_data.read(registry.objects.verified(record["restore"]["sha256"], "restore data"))
     dequantized = bool(record and record.get("dequantized"))
 
+    profile = Profile()
     fused_files = weight_files(fused_dir)
     fused_headers = {p.name: read_header(p) for p in fused_files}
     lazy = {}
@@ -99,61 +111,112 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
         modules |= {k[: -len(".scales")] for k in base_tensors if k.endswith(".scales")}
     member_of = {n: m for m in modules for n in group_members(m, base_tensors, f"{m}.scales" in base_tensors)}
     base_dtypes = {k: getattr(mx, _mlx_dtype(v[0])) for k, v in base_tensors.items()}
+    # Every module's naive inverse as a lazy graph: dtypes and shapes fix each file's layout before anything runs.
+    computed = {}
+    for module in sorted(modules):
+        q = quantization_for(module, config_quant) if f"{module}.scales" in base_tensors else None
+        fused = {n: lazy[n] for n in group_members(module, lazy, q is not None and not dequantized)}
+        ups = updates.get(module, [])
+        computed[module] = naive_base(module, fused, ups, q, dequantized and q is not None, base_dtypes,
+                                      _extras(restore, module), deltas_for(ups, base_dtypes, module, q))
+    layouts = [_layout(fname, header, restore, member_of, computed, where, fused_dir)
+               for fname, header in sorted(base_headers.items())]
 
     comparison = _Comparison(registry, record, base)
+    budget = ByteBudget(IN_FLIGHT_BYTES)
     with registry.staged_output(out, "unfuse", inputs, force) as staging:
-        out_files, computed = [], {}
-        for fname, header in sorted(base_headers.items()):
-            order = sorted(header.tensors, key=lambda n: header.tensors[n].begin)
-            if restore:
-                raw = restore[f"header/{fname}"]
-            else:
-                raw = None
-            pending = []
-            for name in order:
-                module = member_of.get(name)
-                if module is not None and module not in computed:
-                    q = quantization_for(module, config_quant) if f"{module}.scales" in base_tensors else None
-                    fused = {n: lazy[n] for n in group_members(module, lazy, q is not None and not dequantized)}
-                    extras = _extras(restore, module)
-                    module_updates_ = updates.get(module, [])
-                    computed[module] = naive_base(module, fused, module_updates_, q, dequantized and q is not None,
-                                                  base_dtypes, extras, deltas_for(module_updates_, base_dtypes, module, q))
-                pending.append((name, module))
-            if raw is None:
-                raw = build_header([(n, safetensors_dtype(computed[m][n]) if m else header.tensors[n].dtype,
-                                     tuple(computed[m][n].shape) if m else header.tensors[n].shape) for n, m in pending],
-                                   header.metadata or None)
-            with StreamingWriter(staging / fname, raw, progress) as writer:
-                for name, module in pending:
-                    if module is None:
-                        source = where[name]
-                        t = source.tensors[name]
-                        with open(source.path, "rb") as src:
-                            writer.copy_range(src, source.data_start + t.begin, t.end - t.begin)
-                        continue
-                    naive = computed[module].pop(name)
-                    mx.eval(naive)
-                    data = tensor_bytes(naive)
-                    if restore:
-                        residual = restore.get(f"residual/{name}")
+        writers, out_files = [], []
+        # Residuals decode and results are compared with the base on a worker thread, a few tensors
+        # behind the one being computed here; each file's writer takes them in order.
+        worker, pending = ThreadPoolExecutor(max_workers=1), deque()
+        try:
+            for (fname, raw, parts, source, _) in layouts:
+                writers.append(ShardWriter(staging / fname, raw, parts, source, budget, profile, progress))
+            for writer, (_, _, _, _, tensors) in zip(writers, layouts):
+                for name, module in tensors:
+                    if module is None:  # an unchanged tensor kept in another file than its base file's namesake
+                        pending.append((writer, worker.submit(read_bits, where[name], name)))
+                    else:
+                        with profile.timing("computing"):
+                            mx.eval(list(computed[module].values()))  # a module's outputs share their inputs
+                            naive = computed[module].pop(name)
+                        residual = restore.get(f"residual/{name}") if restore else b""
                         if residual is None:
                             raise InvalidAdapterError(f"restore data has no entry for {name}",
                                                       hint="the restore data is damaged; run 'adapterhub verify'")
-                        width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[naive.dtype.size]
-                        data = restore_data.decode(np.frombuffer(data, width), residual, "float" in str(naive.dtype)).tobytes()
-                    comparison.add(name, data, naive)
-                    writer.write(data)
-                    if not computed[module]:
-                        del computed[module]  # done: drop it and the fused tensors it was read from
-                        for member in group_members(module, lazy, True):
-                            lazy.pop(member, None)
+                        pending.append((writer, worker.submit(_rebuilt, profile, comparison, name, tensor_bits(naive),
+                                                              safetensors_dtype(naive), residual)))
+                        if not computed[module]:
+                            del computed[module]  # done: drop it and the fused tensors it was read from
+                            for member in group_members(module, lazy, True):
+                                lazy.pop(member, None)
+                    while len(pending) > 2:
+                        done_writer, future = pending.popleft()
+                        done_writer.put(future.result())
+            while pending:
+                done_writer, future = pending.popleft()
+                done_writer.put(future.result())
+            for (fname, *_), writer in zip(layouts, writers):
                 sha, size = writer.close()
-            out_files.append({"name": fname, "sha256": sha, "size": size})
+                out_files.append({"name": fname, "sha256": sha, "size": size})
+        except BaseException:
+            worker.shutdown(cancel_futures=True)
+            for writer in writers:
+                writer.abort()
+            raise
+        worker.shutdown()
         _side_files(fused_dir, staging, restore)
         # As fingerprint_model hashes a folder: the proof of exactness is this equal to the base's sha256.
         sha = model_sha256(out_files, config_essentials(read_json(staging / "config.json") or {}))
-    return comparison.report(out, sha, bool(restore))
+    report = comparison.report(out, sha, bool(restore))
+    report.profile = profile.to_dict()
+    if os.environ.get(PROFILE_ENV, "") not in ("", "0"):
+        print(format_profile(report.profile), file=sys.stderr)
+    return report
+
+
+def _layout(fname: str, header, restore: dict | None, member_of: dict, computed: dict, where: dict, fused_dir: Path):
+    """One base file: (name, header bytes, ShardWriter parts, source file, (tensor, module) pairs handed over in order).
+
+    Unchanged tensors are copied from the fused file of the same name, in runs; one that lives
+    elsewhere (a model sharded otherwise) is read and handed over like a computed one.
+    """
+    order = sorted(header.tensors, key=lambda n: header.tensors[n].begin)
+    source = fused_dir / fname if any(where[n].path.name == fname for n in order if n in where) else None
+    entries, parts, tensors = [], [], []
+    for name in order:
+        module = member_of.get(name)
+        if module is None:
+            if name not in where:
+                raise InvalidAdapterError(f"the fused model has no {name}", hint="the fused files changed; run 'adapterhub verify'")
+            held = where[name]
+            t = held.tensors[name]
+            entries.append((name, t.dtype, t.shape))
+            begin = held.data_start + t.begin
+            if held.path.name != fname:
+                parts.append(("put", t.end - t.begin))
+                tensors.append((name, None))
+            elif parts and parts[-1][0] == "copy" and parts[-1][1] + parts[-1][2] == begin:
+                parts[-1] = ("copy", parts[-1][1], parts[-1][2] + t.end - t.begin)
+            else:
+                parts.append(("copy", begin, t.end - t.begin))
+            continue
+        naive = computed[module][name]
+        dtype = safetensors_dtype(naive)
+        entries.append((name, dtype, tuple(naive.shape)))
+        parts.append(("put", prod(naive.shape) * DTYPE_SIZES[dtype]))
+        tensors.append((name, module))
+    # With restore data: the base's own header, byte for byte.
+    raw = restore[f"header/{fname}"] if restore else build_header(entries, header.metadata or None)
+    return fname, raw, parts, source, tensors
+
+
+def _rebuilt(profile: Profile, comparison: "_Comparison", name: str, naive, dtype: str, residual: bytes):
+    """On the worker thread: the base tensor's bits from the naive inverse and its residual, compared with the base."""
+    with profile.timing("restore"):
+        data = restore_data.decode(naive, residual, dtype in FLOAT_DTYPES) if residual else naive
+    comparison.add(name, data, dtype)
+    return data
 
 
 def _compared_base_folder(registry, record: dict | None, base: str | None) -> tuple[Path, ...]:
@@ -195,14 +258,26 @@ def _side_files(fused_dir: Path, staging: Path, restore: dict | None) -> None:
             (staging / key[len("file/"):]).write_bytes(data)
 
 
+def _as_float32(bits, dtype: str):
+    """Raw F32 / F16 / BF16 bits as float32 values (numpy has no bfloat16: it is float32's top half)."""
+    if dtype == "BF16":
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return bits.view({"F16": np.float16, "F32": np.float32}[dtype]).astype(np.float32)
+
+
 class _Comparison:
     """Measures the result against the base: exactly by fingerprint, or element by element without restore data."""
 
     def __init__(self, registry, record: dict | None, base: str | None):
         self.registry = registry
         self.base_record = None
-        if base:
-            self.base_record = registry.add_base(base)[0] if Path(base).expanduser().is_dir() else registry.base(base)
+        self._register = None  # a base folder not registered yet: registered once the result is written
+        if base and Path(base).expanduser().is_dir():
+            fingerprint, self.base_record = registry.resolve_base(base)
+            if self.base_record is None:
+                self.base_record, self._register = fingerprint, base
+        elif base:
+            self.base_record = registry.base(base)
         elif record:
             try:
                 self.base_record = registry.base(record["base"]["sha256"])
@@ -215,25 +290,23 @@ class _Comparison:
         self.inexact = self.total = 0
         self.max_error = 0.0
 
-    def add(self, name: str, data: bytes, naive) -> None:
+    def add(self, name: str, data, dtype: str) -> None:
+        """`data`: the bits written for `name` (on the worker thread, so no MLX here)."""
         header = self.base_headers.get(name)
         if header is None:
             return
-        import numpy as np
-
         base_bits = read_bits(header, name).reshape(-1)
         ours = np.frombuffer(data, dtype=base_bits.dtype)
         differ = base_bits != ours
         self.inexact += int(differ.sum())
         self.total += differ.size
-        if differ.any() and header.tensors[name].dtype in ("F32", "F16", "BF16"):
-            from ..safetensors_io import read_tensor
-            import mlx.core as mx
-
-            error = mx.max(mx.abs(read_tensor(header, name).astype(mx.float32) - naive.astype(mx.float32))).item()
-            self.max_error = max(self.max_error, error)
+        if differ.any() and header.tensors[name].dtype == dtype and dtype in FLOAT_DTYPES:
+            error = np.max(np.abs(_as_float32(base_bits, dtype) - _as_float32(ours, dtype)))
+            self.max_error = max(self.max_error, float(error))
 
     def report(self, out: Path, sha: str, restored: bool) -> UnfuseReport:
+        if self._register:
+            self.base_record = self.registry.add_base(self._register)[0]
         base = self.base_record
         if base is None:
             return UnfuseReport(str(out), None, None, sha, notes=["no registered base to compare with: exactness unknown"])
