@@ -155,8 +155,10 @@ def test_unfuse_refuses_damaged_restore_data(cli, registry, tmp_path, tiny_model
     data = bytearray(weights.read_bytes())
     data[-4] ^= 0x10
     weights.write_bytes(bytes(data))
-    code, _, err = cli("unfuse", tmp_path / "fused", "--out", tmp_path / "back")
+    code, out, err = cli("--json", "unfuse", tmp_path / "fused", "--out", tmp_path / "back")
     assert code == 1 and "does not match base tiny-llama" in err
+    report = json.loads(out)  # measured after the fact: the one flipped bit is the one inexact element
+    assert report["exact"] is False and 0 < report["inexact_fraction"] < 1e-3 and report["max_abs_error"] > 0
 
 
 def test_fuse_refuses_an_update_that_overflows_the_base_dtype_and_leaves_nothing(cli, registry, tmp_path):
@@ -325,3 +327,13 @@ def test_byte_budget_bounds_what_is_in_flight():
     assert not got.is_set()  # ...and it holds the others back until it is written
     budget.release(500)
     assert got.wait(1)
+
+
+def test_extract_refuses_a_bad_name_before_reading_the_models(cli, registry, tmp_path, tiny_model, lora_adapter, monkeypatch):
+    from adapterhub.algebra import extract
+
+    registry.import_adapter(lora_adapter, "stories", base=tiny_model)
+    assert cli("fuse", "stories", "--base", tiny_model, "--out", tmp_path / "fused")[0] == 0
+    monkeypatch.setattr(extract, "_identical", lambda *a: pytest.fail("compared the models before checking the name"))
+    code, _, err = cli("extract", "--base", tiny_model, "--fused", tmp_path / "fused", "--rank", "4", "--name", "x")
+    assert code == 1 and "invalid name 'x'" in err

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AdapterHubError, IncompatibleError
-from .. import ranges
+from .. import naming, ranges
 from ..files import read_json
 from ..fingerprint import weight_files
 from ..records import RECORD_FILE
@@ -125,8 +125,12 @@ def extract(registry, base: str, fused_dir: Path, rank: int, name: str, tags: di
     """Register the best rank-R LoRA that turns `base` into `fused_dir`; returns (version, report)."""
     ranges.require("--rank", rank, ranges.COUNT, hint="pass e.g. --rank 16")
     fused_dir = Path(fused_dir)
-    base_fp, _ = registry.resolve_base(base)
+    base_fp, registered = registry.resolve_base(base)
     base_path = Path(base_fp["path"])
+    # The name is checked as the import at the end will check it, before minutes of SVDs rather than after.
+    naming.check_tags(dict(tags or {}))
+    naming.check_name(name, registry.policy, dict(tags or {}),
+                      registered["name"] if registered else naming.suggest_name(base_path.resolve().name))
     fused_fp = registry.resolve_base(fused_dir)[0] if (fused_dir / "config.json").exists() else None
     if fused_fp is None:
         raise AdapterHubError(f"{fused_dir} is not a model folder", hint="give the folder fuse wrote")

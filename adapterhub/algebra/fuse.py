@@ -277,15 +277,16 @@ def execute_fuse(plan: FusePlan, registry, progress=None, force: bool | None = N
         layouts.append(_layout(header, entries))
         index_map.update({name: path.name for name, *_ in entries})
 
-    # MLX's buffer cache is capped so freed tensors do not pile up: memory stays near a few
-    # modules and the bytes in flight, whatever the model's size.
     restore = None
     if plan.keep_restore:
-        names = [f"header/{p.name}" for p in files] + [f"file/{n}" for n in REWRITTEN_FILES]
-        names += [f"{kind}/{key}" for m in modules.values() for kind, keys in (("residual", m.members), ("extra", m.extras))
-                  for key in keys]
-        restore = _RestoreParts(restore_data.RestoreWriter(registry.objects, names), profile)
+        # Every part the restore data may hold, named before the first is written (RestoreWriter reserves its header).
+        announced = [f"header/{p.name}" for p in files] + [f"file/{n}" for n in REWRITTEN_FILES]
+        announced += [f"{kind}/{key}" for m in modules.values()
+                      for kind, keys in (("residual", m.members), ("extra", m.extras)) for key in keys]
+        restore = _RestoreParts(restore_data.RestoreWriter(registry.objects, announced), profile)
     budget = ByteBudget(IN_FLIGHT_BYTES)
+    # MLX's buffer cache is capped so freed tensors do not pile up: memory stays near a few
+    # modules and the bytes in flight, whatever the model's size.
     previous_cache_limit = mx.set_cache_limit(256 << 20)
     try:
         with registry.staged_output(plan.out, "fuse", inputs, force) as staging:

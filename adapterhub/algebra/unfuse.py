@@ -124,51 +124,56 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
 
     comparison = _Comparison(registry, record, base)
     budget = ByteBudget(IN_FLIGHT_BYTES)
-    with registry.staged_output(out, "unfuse", inputs, force) as staging:
-        writers, out_files = [], []
-        # Residuals decode and results are compared with the base on a worker thread, a few tensors
-        # behind the one being computed here; each file's writer takes them in order.
-        worker, pending = ThreadPoolExecutor(max_workers=1), deque()
-        try:
-            for (fname, raw, parts, source, _) in layouts:
-                writers.append(ShardWriter(staging / fname, raw, parts, source, budget, profile, progress))
-            for writer, (_, _, _, _, tensors) in zip(writers, layouts):
-                for name, module in tensors:
-                    if module is None:  # an unchanged tensor kept in another file than its base file's namesake
-                        pending.append((writer, worker.submit(read_bits, where[name], name)))
-                    else:
-                        with profile.timing("computing"):
-                            mx.eval(list(computed[module].values()))  # a module's outputs share their inputs
-                            naive = computed[module].pop(name)
-                        residual = restore.get(f"residual/{name}") if restore else b""
-                        if residual is None:
-                            raise InvalidAdapterError(f"restore data has no entry for {name}",
-                                                      hint="the restore data is damaged; run 'adapterhub verify'")
-                        pending.append((writer, worker.submit(_rebuilt, profile, comparison, name, tensor_bits(naive),
-                                                              safetensors_dtype(naive), residual)))
-                        if not computed[module]:
-                            del computed[module]  # done: drop it and the fused tensors it was read from
-                            for member in group_members(module, lazy, True):
-                                lazy.pop(member, None)
-                    while len(pending) > 2:
-                        done_writer, future = pending.popleft()
-                        done_writer.put(future.result())
-            while pending:
-                done_writer, future = pending.popleft()
-                done_writer.put(future.result())
-            for (fname, *_), writer in zip(layouts, writers):
-                sha, size = writer.close()
-                out_files.append({"name": fname, "sha256": sha, "size": size})
-        except BaseException:
-            worker.shutdown(cancel_futures=True)
-            for writer in writers:
-                writer.abort()
-            raise
-        worker.shutdown()
-        _side_files(fused_dir, staging, restore)
-        # As fingerprint_model hashes a folder: the proof of exactness is this equal to the base's sha256.
-        sha = model_sha256(out_files, config_essentials(read_json(staging / "config.json") or {}))
-    report = comparison.report(out, sha, bool(restore))
+    previous_cache_limit = mx.set_cache_limit(256 << 20)  # as in fuse: freed tensors do not pile up
+    try:
+        with registry.staged_output(out, "unfuse", inputs, force) as staging:
+            writers, out_files = [], []
+            # Residuals are decoded (without restore data: results compared with the base) on a worker
+            # thread, a few tensors behind the one computed here; each file's writer takes them in order.
+            worker, pending = ThreadPoolExecutor(max_workers=1), deque()
+            try:
+                for (fname, raw, parts, source, _) in layouts:
+                    writers.append(ShardWriter(staging / fname, raw, parts, source, budget, profile, progress))
+                for writer, (_, _, _, _, tensors) in zip(writers, layouts):
+                    for name, module in tensors:
+                        if module is None:  # an unchanged tensor kept in another file than its base file's namesake
+                            pending.append((writer, worker.submit(read_bits, where[name], name)))
+                        else:
+                            with profile.timing("computing"):
+                                mx.eval(list(computed[module].values()))  # a module's outputs share their inputs
+                                naive = computed[module].pop(name)
+                            residual = restore.get(f"residual/{name}") if restore else None
+                            if restore and residual is None:
+                                raise InvalidAdapterError(f"restore data has no entry for {name}",
+                                                          hint="the restore data is damaged; run 'adapterhub verify'")
+                            pending.append((writer, worker.submit(_rebuilt, profile, comparison, name, tensor_bits(naive),
+                                                                  safetensors_dtype(naive), residual)))
+                            if not computed[module]:
+                                del computed[module]  # done: drop it and the fused tensors it was read from
+                                for member in group_members(module, lazy, True):
+                                    lazy.pop(member, None)
+                        while len(pending) > 2:
+                            done_writer, future = pending.popleft()
+                            done_writer.put(future.result())
+                while pending:
+                    done_writer, future = pending.popleft()
+                    done_writer.put(future.result())
+                for (fname, *_), writer in zip(layouts, writers):
+                    sha, size = writer.close()
+                    out_files.append({"name": fname, "sha256": sha, "size": size})
+            except BaseException:
+                worker.shutdown(cancel_futures=True)
+                for writer in writers:
+                    writer.abort()
+                raise
+            worker.shutdown()
+            _side_files(fused_dir, staging, restore)
+            # As fingerprint_model hashes a folder: the proof of exactness is this equal to the base's sha256.
+            sha = model_sha256(out_files, config_essentials(read_json(staging / "config.json") or {}))
+    finally:
+        mx.set_cache_limit(previous_cache_limit)
+    rebuilt = [name for *_, tensors in layouts for name, module in tensors if module is not None]
+    report = comparison.report(out, sha, bool(restore), rebuilt)
     report.profile = profile.to_dict()
     if os.environ.get(PROFILE_ENV, "") not in ("", "0"):
         print(format_profile(report.profile), file=sys.stderr)
@@ -211,12 +216,18 @@ def _layout(fname: str, header, restore: dict | None, member_of: dict, computed:
     return fname, raw, parts, source, tensors
 
 
-def _rebuilt(profile: Profile, comparison: "_Comparison", name: str, naive, dtype: str, residual: bytes):
-    """On the worker thread: the base tensor's bits from the naive inverse and its residual, compared with the base."""
+def _rebuilt(profile: Profile, comparison: "_Comparison", name: str, naive, dtype: str, residual: bytes | None):
+    """On the worker thread: the base tensor's bits, from the naive inverse and its residual.
+
+    Without restore data the naive inverse is the result, compared with the base element by
+    element as it goes. With it, the fingerprint proves the result exact, and only a result
+    that misses is compared, afterwards (_Comparison.report).
+    """
+    if residual is None:
+        comparison.add(name, naive, dtype)
+        return naive
     with profile.timing("restore"):
-        data = restore_data.decode(naive, residual, dtype in FLOAT_DTYPES) if residual else naive
-    comparison.add(name, data, dtype)
-    return data
+        return restore_data.decode(naive, residual, dtype in FLOAT_DTYPES) if residual else naive
 
 
 def _compared_base_folder(registry, record: dict | None, base: str | None) -> tuple[Path, ...]:
@@ -304,7 +315,8 @@ class _Comparison:
             error = np.max(np.abs(_as_float32(base_bits, dtype) - _as_float32(ours, dtype)))
             self.max_error = max(self.max_error, float(error))
 
-    def report(self, out: Path, sha: str, restored: bool) -> UnfuseReport:
+    def report(self, out: Path, sha: str, restored: bool, rebuilt: list[str]) -> UnfuseReport:
+        """`rebuilt`: the tensors computed (the rest were copied), compared now if restore data missed the base."""
         if self._register:
             self.base_record = self.registry.add_base(self._register)[0]
         base = self.base_record
@@ -313,6 +325,11 @@ class _Comparison:
         if sha == base["sha256"]:
             return UnfuseReport(str(out), True, base["name"], sha, 0.0, 0.0,
                                 notes=[f"every weight file matches base {base['name']} (sha256 {base['sha256'][:12]})"])
+        if restored:
+            written = {n: h for p in weight_files(out) for h in [read_header(p)] for n in h.tensors}
+            for name in rebuilt:
+                if name in written:
+                    self.add(name, read_bits(written[name], name), written[name].tensors[name].dtype)
         fraction = self.inexact / self.total if self.total else None
         notes = ["restore data did not reproduce the base: it or the fused files changed"] if restored else [
             "no restore data: the updates were subtracted, which rounding makes inexact"]
