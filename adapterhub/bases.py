@@ -12,7 +12,7 @@ from pathlib import Path
 from . import naming
 from .errors import ConflictError, CorruptRegistryError, NotFoundError
 from .fingerprint import fingerprint_model
-from .records import now
+from .records import BaseModel, ResolvedBase, now
 from .schemas import validate
 
 
@@ -66,8 +66,8 @@ class BaseModels:
         with self._progress(f"fingerprinting {Path(path).name}", total) as advance:
             return fingerprint_model(path, self._hash_cache, reread, advance)
 
-    def resolve_base(self, path_or_name: str | Path, reread: bool = False) -> tuple[dict, dict | None]:
-        """A base given as a folder path or a registered name -> (fingerprint, registered record or None)."""
+    def resolve_base(self, path_or_name: str | Path, reread: bool = False) -> ResolvedBase:
+        """A base given as a folder path, a Hub repo id in the local cache, or a registered name or sha256 prefix."""
         from . import hf
 
         path = Path(path_or_name).expanduser()
@@ -77,23 +77,23 @@ class BaseModels:
             repo_id, path = str(path_or_name), hf.cached_snapshot(str(path_or_name))
         if path.is_dir():
             fp = {**self._fingerprint(path, reread), "hf_repo": repo_id}
-            known = [b for b in self.bases() if b["sha256"] == fp["sha256"]]
-            return fp, known[0] if known else None
+            known = next((b for b in self.bases() if b["sha256"] == fp["sha256"]), None)
+            return ResolvedBase(fp, BaseModel(known) if known else None, path)
         if os.sep in str(path_or_name) or str(path_or_name).startswith("."):
             raise NotFoundError(f"model folder {path} does not exist", hint="give a local model folder or a registered base name")
-        record = self.base(str(path_or_name))
-        return record, record
+        record = BaseModel(self.base(str(path_or_name)))
+        return ResolvedBase(record.record, record, record.path)
 
     def add_base(self, path: Path | str, name: str | None = None, reread: bool = False) -> tuple[dict, bool]:
         """Fingerprint and register a base model; returns (record, created)."""
-        fp, existing = self.resolve_base(Path(path), reread)
-        if existing:
-            if name and name != existing["name"]:
-                raise ConflictError(f"this model is already registered as base '{existing['name']}'",
-                                    hint=f"use --base {existing['name']}")
-            return existing, False
+        resolved = self.resolve_base(Path(path), reread)
+        if resolved.record:
+            if name and name != resolved.name:
+                raise ConflictError(f"this model is already registered as base '{resolved.name}'",
+                                    hint=f"use --base {resolved.name}")
+            return resolved.record.record, False
         with self._transaction():
-            return self._register_base(fp, name, Path(path)), True
+            return self._register_base(resolved.fingerprint, name, Path(path)), True
 
     def _register_base(self, fp: dict, name: str | None, path: Path) -> dict:
         """Under the lock: the base row for a fingerprint, registered unless it already is."""
@@ -137,3 +137,4 @@ def unique_name(name: str, taken: set[str]) -> str:
     while candidate in taken:
         candidate, n = f"{name}-{n}", n + 1
     return candidate
+

@@ -6,8 +6,9 @@ Pure: no I/O. A version record is a dict validated against schemas/adapter_versi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from datetime import datetime, timezone
+from pathlib import Path
 
 # mlx-lm's adapter folder: the two files every version stores.
 WEIGHTS_FILE = "adapters.safetensors"
@@ -21,24 +22,35 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+class _Fields:
+    """from_dict/to_dict for a record that is exactly its dataclass fields; an optional field left at
+    None is omitted from the dict, as the schemas expect (a stack weight appears only on stack edges)."""
+
+    @classmethod
+    def from_dict(cls, doc: dict):
+        return cls(**{f.name: doc[f.name] if f.default is MISSING else doc.get(f.name, f.default) for f in fields(cls)})
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue
+            out[f.name] = dict(value) if isinstance(value, dict) else value
+        return out
+
+
 @dataclass(frozen=True)
-class FileEntry:
+class FileEntry(_Fields):
     """A stored file: its name in the folder it belongs to, its sha256 and its size in bytes."""
 
     name: str
     sha256: str
     size: int
 
-    @classmethod
-    def from_dict(cls, doc: dict) -> "FileEntry":
-        return cls(doc["name"], doc["sha256"], doc["size"])
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "sha256": self.sha256, "size": self.size}
-
 
 @dataclass(frozen=True)
-class ParentEdge:
+class ParentEdge(_Fields):
     """Where a version came from: a parent's ref and sha256, how (`relation`), and a stack weight if any."""
 
     ref: str
@@ -46,17 +58,9 @@ class ParentEdge:
     relation: str
     weight: float | None = None
 
-    @classmethod
-    def from_dict(cls, doc: dict) -> "ParentEdge":
-        return cls(doc["ref"], doc["sha256"], doc["relation"], doc.get("weight"))
-
-    def to_dict(self) -> dict:
-        return {"ref": self.ref, "sha256": self.sha256, "relation": self.relation,
-                **({"weight": self.weight} if self.weight is not None else {})}
-
 
 @dataclass(frozen=True)
-class BaseRef:
+class BaseRef(_Fields):
     """What a version or fused model records of its base: enough to find it and to tell its structure."""
 
     name: str
@@ -64,29 +68,154 @@ class BaseRef:
     structure_sha256: str
     model_type: str | None
 
-    @classmethod
-    def from_dict(cls, doc: dict) -> "BaseRef":
-        return cls(doc["name"], doc["sha256"], doc["structure_sha256"], doc["model_type"])
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "sha256": self.sha256, "structure_sha256": self.structure_sha256,
-                "model_type": self.model_type}
-
 
 @dataclass(frozen=True)
-class DatasetRef:
+class DatasetRef(_Fields):
     """What a version records of the data it was trained on: name, content hash, examples per split."""
 
     name: str
     sha256: str
-    examples: dict[str, int]
+    examples: dict
 
-    @classmethod
-    def from_dict(cls, doc: dict) -> "DatasetRef":
-        return cls(doc["name"], doc["sha256"], dict(doc["examples"]))
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A registered base model (schemas/base_model.schema.json): its row, read through properties."""
+
+    record: dict
+
+    @property
+    def name(self) -> str:
+        return self.record["name"]
+
+    @property
+    def sha256(self) -> str:
+        return self.record["sha256"]
+
+    @property
+    def structure_sha256(self) -> str:
+        return self.record["structure_sha256"]
+
+    @property
+    def config(self) -> dict:
+        return self.record["config"]
+
+    @property
+    def path(self) -> Path | None:
+        return Path(self.record["path"]) if self.record.get("path") else None
+
+    @property
+    def hf_repo(self) -> str | None:
+        return self.record.get("hf_repo")
+
+    @property
+    def known_sha256s(self) -> tuple[str, ...]:
+        """Its sha256 now and under older formats' identities: records written then name it by those."""
+        return (self.sha256, *self.record.get("previous_sha256", ()))
+
+    def ref(self) -> BaseRef:
+        return BaseRef.from_dict(self.record)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "sha256": self.sha256, "examples": dict(self.examples)}
+        return dict(self.record)
+
+
+@dataclass(frozen=True)
+class ResolvedBase:
+    """A base as a command names it (folder, Hub id or registered name), resolved once.
+
+    `fingerprint` is what the bytes say (for a name, the registered row's own fields), `record`
+    the registered base it matches if any, `path` the folder its weights are read from.
+    """
+
+    fingerprint: dict
+    record: BaseModel | None
+    path: Path | None
+
+    @property
+    def sha256(self) -> str:
+        return self.fingerprint["sha256"]
+
+    @property
+    def structure_sha256(self) -> str:
+        return self.fingerprint["structure_sha256"]
+
+    @property
+    def config(self) -> dict:
+        return self.fingerprint["config"]
+
+    @property
+    def name(self) -> str | None:
+        """The registered name, or None for a folder not registered yet."""
+        return self.record.name if self.record else None
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.config.get("quantization"))
+
+    def __iter__(self):  # TRANSITION: callers not yet moved unpack (fingerprint, record); removed once they are
+        return iter((self.fingerprint, self.record.record if self.record else None))
+
+
+@dataclass(frozen=True)
+class FusedModel:
+    """A fused model folder the registry wrote (schemas/fused_model.schema.json)."""
+
+    record: dict
+
+    @property
+    def sha256(self) -> str:
+        return self.record["sha256"]
+
+    @property
+    def path(self) -> Path:
+        return Path(self.record["path"])
+
+    @property
+    def base(self) -> BaseRef:
+        return BaseRef.from_dict(self.record["base"])
+
+    @property
+    def adapter_shas(self) -> tuple[str, ...]:
+        """The sha256s of the adapters fused into it, in the order they were applied."""
+        return tuple(a["sha256"] for a in self.record["adapters"])
+
+    def to_dict(self) -> dict:
+        return dict(self.record)
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One training run (schemas/training_run.schema.json): where it is, how far, how it ended."""
+
+    record: dict
+
+    @property
+    def run_id(self) -> str:
+        return self.record["id"]
+
+    @property
+    def status(self) -> str:
+        return self.record["status"]
+
+    @property
+    def step(self) -> int:
+        return self.record.get("step") or 0
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.record["dir"])
+
+    @property
+    def config(self) -> dict:
+        return self.record["config"]
+
+    @property
+    def result(self) -> str | None:
+        return self.record.get("result")
+
+    def to_dict(self) -> dict:
+        return dict(self.record)
 
 
 @dataclass(frozen=True)
@@ -151,6 +280,12 @@ class AdapterVersion:
     @property
     def files(self) -> tuple[FileEntry, ...]:
         return tuple(FileEntry.from_dict(f) for f in self.record["files"])
+
+    @property
+    def modules(self) -> dict[str, tuple[int, ...]] | None:
+        """Module path -> (in, out[, experts]); None in records written before versions kept it."""
+        modules = self.record.get("modules")
+        return {m: tuple(shape) for m, shape in modules.items()} if modules is not None else None
 
     def file_sha(self, filename: str) -> str:
         return next(f.sha256 for f in self.files if f.name == filename)

@@ -13,18 +13,17 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterator
 
 from . import compat, naming
-from .errors import ConflictError, CorruptRegistryError, IncompatibleError, InvalidNameError, NotFoundError
-from .fingerprint import HashCache, fingerprint_dataset
+from .errors import ConflictError, CorruptRegistryError, InvalidNameError, NotFoundError
+from .fingerprint import HashCache
 from .formats import mlx as mlx_format
 from .migrations import FORMAT, upgrade
-# Re-exported while callers move to records: RECORD_FILE, VERSION_RELATIONS, AdapterVersion, now, unapplied.
-from .records import (RECORD_FILE, VERSION_RELATIONS, AdapterVersion, base_ref, now, unapplied,  # noqa: F401
-                      weights_claim_problem)
+from .records import AdapterVersion, now, weights_claim_problem
 from .safetensors_io import read_header
 from .schemas import validate
 from .bases import BaseModels
-from .foreign import ForeignFolders, imported_from, origin_of
+from .foreign import ForeignFolders
 from .files import read_json, write_json
+from .intake import Intake
 from .outputs import Outputs
 from .runs import TrainingRuns
 from .store import MODEL_EVALS, Catalogue, ObjectStore, RegistryLock
@@ -37,7 +36,7 @@ def _no_progress(description: str, total: int) -> ContextManager[Callable[[int],
     return nullcontext(lambda n: None)
 
 
-class Registry(BaseModels, TrainingRuns, Outputs, ForeignFolders):
+class Registry(Intake, BaseModels, TrainingRuns, Outputs, ForeignFolders):
     """A registry rooted at a folder. Every method is one user-level operation.
 
     The façade: adapter versions live here; bases and datasets (bases.py), training runs
@@ -229,122 +228,6 @@ class Registry(BaseModels, TrainingRuns, Outputs, ForeignFolders):
                 result.append(self._version_obj(record, aliases))
         return result
 
-    def import_adapter(self, folder: Path | str, name: str, base: str | Path | None = None, dataset: Path | str | None = None,
-                       parent: str | None = None, relation: str = "resumed-from", tags: dict[str, str] | None = None,
-                       description: str | None = None, checkpoint: str | None = None,
-                       parents: list[dict] | None = None, training: dict | None = None,
-                       source: dict | None = None) -> tuple[AdapterVersion, bool]:
-        """Register an mlx-lm or PEFT adapter folder as the next version of `name`.
-
-        Everything is read and checked before anything is written: a refused import
-        leaves the registry exactly as it was.
-
-        Args:
-            parent, relation: one parent version, the common case.
-            parents: full parent entries ({ref, sha256, relation[, weight]}) instead,
-                for stacked and extracted adapters.
-            training: what the trainer knows (losses, tokens, versions) instead of what
-                the adapter_config.json says.
-            source: where the weights came from, when not from `folder` itself.
-
-        Returns:
-            (the version, True if it was created; False if `name` already had these exact weights).
-        """
-        from .formats import peft as peft_format  # only imports read PEFT folders: keep it off list/show's start
-
-        if peft_format.is_peft_folder(Path(folder)) and not checkpoint:
-            return self._import_peft(Path(folder), name, base, dataset, parent, relation, tags, description, parents)
-        tags = dict(tags or {})
-        naming.check_tags(tags)
-        parsed = mlx_format.read_adapter_folder(Path(folder), checkpoint)
-        origin = None if checkpoint else origin_of(Path(folder))
-        if base is None and origin and origin.get("base"):
-            # The record names its base by content: used when that very model is registered here.
-            known = next((b for b in self.bases() if b["sha256"] == origin["base"]["sha256"]), None)
-            base = known["name"] if known else None
-        base_fp, base_record = self.resolve_base(base) if base else (None, None)
-        dataset_fp = fingerprint_dataset(Path(dataset), self._hash_cache) if dataset else None
-        parent_version = self.resolve(parent) if parent else None
-        base_name = base_record["name"] if base_record else (naming.suggest_name(Path(base).resolve().name) if base else None)
-        naming.check_name(name, self.policy, tags, base_name)
-        if base_fp:
-            report = compat.check(name, parsed.modules, list(parsed.layers), None, str(base), base_fp,
-                                  hidden_size=(parsed.loreft or {}).get("hidden_size"))
-            if not report.compatible:
-                raise IncompatibleError(f"adapter {Path(folder)} does not fit base {base}: " + "; ".join(report.problems[:3]),
-                                        hint="check --base; it must be the model the adapter was trained on", report=report)
-        if parent_version and base_fp and parent_version.base and parent_version.base.structure_sha256 != base_fp["structure_sha256"]:
-            raise IncompatibleError(f"parent {parent_version.ref} was trained on a different base model structure",
-                                    hint="a parent must share the base model")
-
-        def make_record(version: int, weights: tuple[str, int], config: tuple[str, int], base_ref: dict | None,
-                        dataset_record: dict | None) -> dict:
-            record = {
-                "name": name, "version": version, "sha256": weights[0], "kind": parsed.kind, "rank": parsed.rank,
-                "scale": parsed.scale, "dropout": parsed.dropout, "targets": list(parsed.targets),
-                "layers": list(parsed.layers), "num_layers": len(parsed.layers), "dtype": parsed.dtype,
-                "num_parameters": parsed.num_parameters, "base": base_ref,
-                "dataset": ({"name": dataset_record["name"], "sha256": dataset_record["sha256"],
-                             "examples": dataset_record["examples"]} if dataset_record else None),
-                "training": training or ({"tool": "mlx_lm", "hyperparameters": parsed.hyperparameters, "losses": None}
-                                         if parsed.hyperparameters else None),
-                "parents": parents if parents is not None else (
-                    [{"ref": parent_version.ref, "sha256": parent_version.sha256, "relation": relation}]
-                    if parent_version else []),
-                "files": [{"name": mlx_format.WEIGHTS_FILE, "sha256": weights[0], "size": weights[1]},
-                          {"name": mlx_format.CONFIG_FILE, "sha256": config[0], "size": config[1]}],
-                **({"loreft": parsed.loreft} if parsed.loreft else {}),
-                "tags": tags, "description": description,
-                "source": source or {"path": str(Path(folder).resolve()), "format": "mlx", "checkpoint": checkpoint},
-                "created_at": now(),
-            }
-            validate(record, "adapter_version", what=f"record for {name}@{version}")
-            return record
-
-        # A draft with placeholder hashes is validated before anything is written, so a
-        # record that cannot be stored never leaves an orphan blob behind.
-        placeholder = ("0" * 64, 0)
-        draft_base = base_ref({**base_fp, "name": base_name}) if base_fp else None
-        make_record(1, placeholder, placeholder, draft_base, {**dataset_fp, "name": "draft"} if dataset_fp else None)
-
-        with self._transaction():
-            # Blobs deduplicate, so storing first costs nothing when these weights are already here.
-            with self._progress(f"storing {parsed.weights_path.name}", parsed.weights_path.stat().st_size) as advance:
-                weights = self.objects.put_file(parsed.weights_path, advance)
-            versions, _, removed = self.catalogue.entry(name)
-            existing = [v for v in versions if v["sha256"] == weights[0]]
-            if existing:
-                return self._version_obj(existing[0]), False
-            if origin and not parent_version and origin["sha256"] == weights[0]:
-                # An exported folder names the version it was exported from; the same weights prove the claim.
-                parents = [*(parents or []), imported_from(origin)]
-            config = self.objects.put_file(parsed.config_path)
-            base_record = self._register_base(base_fp, None, Path(base)) if base_fp and not base_record else base_record
-            dataset_record = self._register_dataset(dataset_fp, Path(dataset)) if dataset_fp else None
-            # The high-water mark counts removed versions too: a number means one set of bytes forever.
-            version = max([v["version"] for v in versions] + list(removed), default=0) + 1
-            record = make_record(version, weights, config, base_ref(base_record) if base_record else None, dataset_record)
-            self.catalogue.index([record])
-            self.catalogue.add_versions(name, [record])
-            return self._version_obj(record), True
-
-    def register_records(self, records: list[dict]) -> int:
-        """Register many finished version records at once, for migrations and benchmarks.
-
-        Each record is validated and must reference blobs already in the object store
-        (not checked here: `verify` does). Writes are batched per catalogue file, in the
-        same order as import: index rows first, version records last.
-        """
-        by_name: dict[str, list[dict]] = {}
-        for record in records:
-            validate(record, "adapter_version", what=f"record for {record.get('name')}@{record.get('version')}")
-            by_name.setdefault(record["name"], []).append(record)
-        with self._transaction():
-            self.catalogue.index(records)
-            for name, versions in by_name.items():
-                self.catalogue.add_versions(name, versions)
-        return len(records)
-
     def weights(self, version: AdapterVersion) -> Path:
         """The path of a version's weights, for reading them: its record's claim and the blob's bytes checked first.
 
@@ -354,8 +237,11 @@ class Registry(BaseModels, TrainingRuns, Outputs, ForeignFolders):
         _check_weights_claim(version.record)
         return self.objects.verified(version.sha256, f"weights of {version.ref}")
 
-    def modules(self, version: AdapterVersion) -> dict[str, tuple[int, int]]:
-        """Module path -> (in, out) of a stored adapter, from its weight header alone."""
+    def modules(self, version: AdapterVersion) -> dict[str, tuple[int, ...]]:
+        """Module path -> (in, out) or (in, out, experts): recorded at import; from the weight header for records
+        written before versions recorded it."""
+        if version.modules is not None:
+            return version.modules
         header = read_header(self.weights(version))
         config = self.objects.verified(version.file_sha(mlx_format.CONFIG_FILE), f"config of {version.ref}")
         return mlx_format.derive(config, header.path, read_json(config), header, check_values=False).modules
@@ -363,9 +249,10 @@ class Registry(BaseModels, TrainingRuns, Outputs, ForeignFolders):
     def check(self, ref: str, base: str | Path, allow_different_weights: bool = False) -> compat.CompatReport:
         """Compatibility report of an adapter with a base given as a path or a registered name."""
         version = self.resolve(ref)
-        base_fp, _ = self.resolve_base(base)
+        self.weights(version)  # a check passes only for weights that are still the registered bytes
+        base_fp = self.resolve_base(base).fingerprint
         recorded = version.record.get("base")
-        recorded_full = next((b for b in self.bases() if recorded and b["sha256"] == recorded["sha256"]), None)
+        recorded_full = self.bases_by_sha().get(recorded["sha256"]) if recorded else None
         adapter_base = {**recorded, "config": recorded_full["config"]} if recorded and recorded_full else recorded
         return compat.check(version.ref, self.modules(version), version.layers, adapter_base, str(base), base_fp,
                             recorded_full["files"] if recorded_full else None, allow_different_weights,

@@ -7,11 +7,13 @@ Every file is replaced by an atomic rename (files.atomic_write).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from tinydb import Query, TinyDB
 from tinydb.storages import Storage
@@ -123,6 +125,15 @@ class RegistryLock:
             ) from None
 
 
+@dataclass(frozen=True)
+class StagedBlob:
+    """Bytes written into the object store's staging area and hashed while written, not yet at their address."""
+
+    path: Path
+    sha256: str
+    size: int
+
+
 class ObjectStore:
     """Content-addressed blobs: `objects/<sha[:2]>/<sha>`, written once, deduplicated."""
 
@@ -168,6 +179,30 @@ class ObjectStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+    def stage(self, chunks: Iterable[bytes]) -> StagedBlob:
+        """Write `chunks` into objects/tmp, hashing them as they go; the caller adopts the result or unlinks it."""
+        staging = self.root / "tmp"
+        staging.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path_for(staging / "blob")
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in chunks:
+                    digest.update(chunk)
+                    f.write(chunk)
+                    size += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return StagedBlob(tmp, digest.hexdigest(), size)
+
+    def put_bytes(self, data: bytes) -> tuple[str, int]:
+        staged = self.stage([data])
+        self.adopt(staged.path, staged.sha256)
+        return staged.sha256, staged.size
 
     def adopt(self, path: Path, sha256: str) -> None:
         """Move a file already hashed while written (in objects/tmp) to its content address.

@@ -387,6 +387,7 @@ def test_loreft_trains_with_the_parameters_its_config_implies(cli, tmp_path, arc
 def test_resume_is_byte_identical(cli, tmp_path, arch, variant, arch_model, stories):
     from adapterhub.registry import Registry
     from adapterhub.training.config import merge
+    from adapterhub.training.callbacks import TrainingCallback
     from adapterhub.training.trainer import Trainer
 
     model, registry = arch_model(arch, variant), tmp_path / "registry"
@@ -397,16 +398,17 @@ def test_resume_is_byte_identical(cli, tmp_path, arch, variant, arch_model, stor
     if out is None:
         return
 
-    def stop_after_step_two(event):
-        # Ctrl-C as the checkpoint of step 2 is announced: the run is recorded as interrupted there.
-        if event.get("event") == "checkpoint" and event["step"] == 2:
-            raise KeyboardInterrupt
+    class StopAfterStepTwo(TrainingCallback):
+        def on_checkpoint(self, step, removed, seconds):
+            # Ctrl-C as the checkpoint of step 2 is announced: the run is recorded as interrupted there.
+            if step == 2:
+                raise KeyboardInterrupt
 
     reg = Registry(registry)
     config = merge({"base": str(model), "data": str(stories), "name": "stopped", "iters": 6, "num_layers": 2, "rank": 4,
                     "learning_rate": 1e-3, "dropout": 0.1, "seed": 5, "val_batches": 1, "steps_per_eval": 3,
                     "save_every": 2}, None)
-    trainer = Trainer(reg, config, reporter=stop_after_step_two)
+    trainer = Trainer(reg, config, callback=StopAfterStepTwo())
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
     assert reg.run(trainer.run_id)["status"] == "interrupted" and reg.run(trainer.run_id)["step"] == 2

@@ -234,6 +234,7 @@ def test_masks_are_made_once_per_forward_and_prompts_do_not_outlive_the_loss(tin
 
 def test_a_stopped_loreft_run_resumes_byte_identical(cli, registry, tiny_model, colours):
     from adapterhub.training.config import merge
+    from adapterhub.training.callbacks import TrainingCallback
     from adapterhub.training.trainer import Trainer
 
     options = {"base": str(tiny_model), "data": str(colours), "kind": "loreft", "layers": "1;3", "rank": 4,
@@ -241,11 +242,12 @@ def test_a_stopped_loreft_run_resumes_byte_identical(cli, registry, tiny_model, 
                "save_every": 2}
     Trainer(registry, merge({**options, "name": "straight"}, None)).run()
 
-    def stop_after_step_two(event):
-        if event.get("event") == "checkpoint" and event["step"] == 2:
-            raise KeyboardInterrupt  # Ctrl-C as the checkpoint of step 2 is announced
+    class StopAfterStepTwo(TrainingCallback):
+        def on_checkpoint(self, step, removed, seconds):
+            if step == 2:
+                raise KeyboardInterrupt  # Ctrl-C as the checkpoint of step 2 is announced
 
-    trainer = Trainer(registry, merge({**options, "name": "stopped"}, None), reporter=stop_after_step_two)
+    trainer = Trainer(registry, merge({**options, "name": "stopped"}, None), callback=StopAfterStepTwo())
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
     assert registry.run(trainer.run_id)["step"] == 2

@@ -240,3 +240,32 @@ def test_find_answers_none_for_a_miss_but_never_hides_damage(registry, lora_adap
     path.write_text(path.read_text()[:10])
     with pytest.raises(CorruptRegistryError):
         registry.find("stories@1")
+
+
+def test_tensors_in_memory_make_the_record_their_folder_would(registry, lora_adapter, tiny_model, tiny_data):
+    import mlx.core as mx
+
+    from adapterhub.errors import InvalidAdapterError
+    from tests.conftest import snapshot
+
+    config = json.loads((lora_adapter / "adapter_config.json").read_text())
+    tensors = mx.load(str(lora_adapter / "adapters.safetensors"))
+    added, created = registry.add_version("in-memory", tensors, config, base=tiny_model, dataset=tiny_data)
+    imported, _ = registry.import_adapter(lora_adapter, "from-folder", base=tiny_model, dataset=tiny_data)
+    assert created
+    differ = {"name", "sha256", "files", "source", "created_at"}
+    assert {k: v for k, v in added.record.items() if k not in differ} == \
+           {k: v for k, v in imported.record.items() if k not in differ}
+    assert added.modules == registry.modules(imported) and len(added.modules) == 14
+    stored = mx.load(str(registry.weights(added)), format="safetensors")
+    assert stored.keys() == tensors.keys() and all(mx.array_equal(stored[k], tensors[k]).item() for k in tensors)
+    blob = registry.weights(added).read_bytes()
+    assert added.sha256 == hashlib.sha256(blob).hexdigest() and added.record["source"] is None
+    assert not any((registry.root / "objects" / "tmp").iterdir())  # staged, then moved to its address
+
+    # Refused tensors (a rank that disagrees with the config) leave every byte as it was, staging included.
+    before = snapshot(registry.root)
+    with pytest.raises(InvalidAdapterError, match="rank"):
+        registry.add_version("in-memory", tensors, {**config, "lora_parameters": {**config["lora_parameters"], "rank": 4}},
+                             base=tiny_model)
+    assert snapshot(registry.root) == before

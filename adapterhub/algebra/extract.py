@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,10 +20,11 @@ from ..errors import AdapterHubError, IncompatibleError
 from .. import naming, ranges
 from ..files import read_json
 from ..fingerprint import weight_files
-from ..records import RECORD_FILE
+from ..formats.mlx import lora_config
+from ..records import RECORD_FILE, ParentEdge
 from ..safetensors_io import CHUNK, Header, read_header, read_tensor
 from .fusion import quantization_for
-from .lowrank import truncated_dense, write_mlx_adapter
+from .lowrank import truncated_dense
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)\.weight$")
 
@@ -125,13 +125,12 @@ def extract(registry, base: str, fused_dir: Path, rank: int, name: str, tags: di
     """Register the best rank-R LoRA that turns `base` into `fused_dir`; returns (version, report)."""
     ranges.require("--rank", rank, ranges.COUNT, hint="pass e.g. --rank 16")
     fused_dir = Path(fused_dir)
-    base_fp, registered = registry.resolve_base(base)
-    base_path = Path(base_fp["path"])
+    resolved = registry.resolve_base(base)
+    base_fp, base_path = resolved.fingerprint, resolved.path
     # The name is checked as the import at the end will check it, before minutes of SVDs rather than after.
     naming.check_tags(dict(tags or {}))
-    naming.check_name(name, registry.policy, dict(tags or {}),
-                      registered["name"] if registered else naming.suggest_name(base_path.resolve().name))
-    fused_fp = registry.resolve_base(fused_dir)[0] if (fused_dir / "config.json").exists() else None
+    naming.check_name(name, registry.policy, dict(tags or {}), resolved.name or naming.suggest_name(base_path.resolve().name))
+    fused_fp = registry.resolve_base(fused_dir).fingerprint if (fused_dir / "config.json").exists() else None
     if fused_fp is None:
         raise AdapterHubError(f"{fused_dir} is not a model folder", hint="give the folder fuse wrote")
     if base_fp["sha256"] == fused_fp["sha256"]:
@@ -181,9 +180,9 @@ def extract(registry, base: str, fused_dir: Path, rank: int, name: str, tags: di
     num_layers = base_fp["config"]["num_hidden_layers"] - min(int(m.group(1)) for m in matches)
     record = read_json(fused_dir / RECORD_FILE)
     fused_sha = record["sha256"] if record else fused_fp["sha256"]
-    with tempfile.TemporaryDirectory(prefix="adapterhub-extract-") as tmp:
-        folder = write_mlx_adapter(Path(tmp) / "adapter", weights, rank, 1.0, num_layers, keys)
-        parents = [{"ref": str(fused_dir.resolve()), "sha256": fused_sha, "relation": "extracted-from"}]
-        version, _ = registry.import_adapter(folder, name, base=str(base_path), tags=tags, parents=parents,
-                                             description=description or f"rank-{rank} extraction from {fused_dir.name}")
+    parents = [ParentEdge(str(fused_dir.resolve()), fused_sha, "extracted-from").to_dict()]
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
+    version, _ = registry.add_version(name, tensors, lora_config(rank, 1.0, num_layers, keys), base=str(base_path),
+                                      tags=tags, parents=parents,
+                                      description=description or f"rank-{rank} extraction from {fused_dir.name}")
     return version, report

@@ -9,16 +9,16 @@ approximation (cross terms); svd factors the exact weighted sum to rank R.
 from __future__ import annotations
 
 import re
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import AdapterHubError, IncompatibleError
 from .. import ranges
+from ..formats.mlx import lora_config
+from ..records import ParentEdge
 from .fuse import refuse_related
-from .lowrank import truncated, write_mlx_adapter
+from .lowrank import truncated
 
 METHODS = ("cat", "linear", "svd")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
@@ -139,10 +139,10 @@ def stack(registry, refs: list[str], name: str, weights: list[float] | None = No
     layers = sorted({int(m.group(1)) for m in map(_LAYER.search, modules) if m})
     keys = sorted({m.group(2) for m in map(_LAYER.search, modules) if m})
     num_layers = base["config"]["num_hidden_layers"] - layers[0] if layers else 0
-    with tempfile.TemporaryDirectory(prefix="adapterhub-stack-") as tmp:
-        folder = write_mlx_adapter(Path(tmp) / "adapter", out_weights, report.rank, 1.0, num_layers, keys)
-        parents = [{"ref": v.ref, "sha256": v.sha256, "relation": "stacked-from", "weight": w} for v, w in zip(versions, weights)]
-        text = description or f"{method} stack of " + ", ".join(f"{v.ref}×{w:g}" for v, w in zip(versions, weights))
-        version, _ = registry.import_adapter(folder, name, base=base["name"], tags=tags, description=text, parents=parents)
+    parents = [ParentEdge(v.ref, v.sha256, "stacked-from", w).to_dict() for v, w in zip(versions, weights)]
+    text = description or f"{method} stack of " + ", ".join(f"{v.ref}×{w:g}" for v, w in zip(versions, weights))
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out_weights.items()}
+    version, _ = registry.add_version(name, tensors, lora_config(report.rank, 1.0, num_layers, keys), base=base["name"],
+                                      tags=tags, description=text, parents=parents)
     return version, report
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,43 +11,65 @@ import click
 from .context import COUNT, Context, parse_tags, pass_ctx, train_number
 
 
+def _report_lines():
+    """Plain report lines on stderr, one per event, for logs and pipes."""
+    from ..training.callbacks import TrainingCallback
+
+    class Lines(TrainingCallback):
+        def on_train_report(self, r) -> None:
+            click.echo(f"step {r.step}/{r.iters}: train loss {r.train_loss:.4f}, {r.tokens_per_second:.0f} tok/s, "
+                       f"lr {r.learning_rate:.2e}", err=True)
+
+        def on_val_report(self, step: int, val_loss: float) -> None:
+            click.echo(f"step {step}: validation loss {val_loss:.4f}", err=True)
+
+        def on_checkpoint(self, step: int, removed: list[int], seconds: float) -> None:
+            pruned = f" (pruned {', '.join(map(str, removed))})" if removed else ""
+            click.echo(f"step {step}: checkpoint saved in {seconds:.3f} s{pruned}", err=True)
+
+        def on_resume(self, step: int) -> None:
+            click.echo(f"resumed at step {step}", err=True)
+
+        def on_test(self, test_loss: float, test_perplexity: float) -> None:
+            click.echo(f"test loss {test_loss:.4f}, perplexity {test_perplexity:.2f}", err=True)
+
+    return Lines()
+
+
+def _progress_bar(bar, task):
+    """A rich progress bar with loss, tokens/s, the last validation loss and ETA, for a terminal."""
+    from ..training.callbacks import TrainingCallback
+
+    class Bar(TrainingCallback):
+        val = ""
+
+        def on_val_report(self, step: int, val_loss: float) -> None:
+            self.val = f"val {val_loss:.3f}"
+
+        def on_train_report(self, r) -> None:
+            bar.update(task, completed=r.step, status=f"loss {r.train_loss:.3f} · {r.tokens_per_second:.0f} tok/s {self.val}")
+
+        def on_resume(self, step: int) -> None:
+            bar.update(task, completed=step, status=self.val)
+
+    return Bar()
+
+
 @contextmanager
-def _training_reporter(ctx: Context, iters: int):
-    """A progress bar with loss, tokens/s and ETA on a terminal; plain report lines otherwise; nothing when quiet."""
+def _training_callback(ctx: Context, iters: int):
+    """A progress bar on a terminal; plain report lines otherwise; nothing when quiet or printing JSON."""
+    from ..training.callbacks import TrainingCallback
+
     if ctx.quiet or ctx.as_json:
-        yield lambda event: None
-        return
-    if not sys.stderr.isatty():
-        def line(event: dict) -> None:
-            if event["event"] == "train":
-                click.echo(f"step {event['step']}/{event['iters']}: train loss {event['train_loss']:.4f}, "
-                           f"{event['tokens_per_second']:.0f} tok/s, lr {event['learning_rate']:.2e}", err=True)
-            elif event["event"] == "val":
-                click.echo(f"step {event['step']}: validation loss {event['val_loss']:.4f}", err=True)
-            elif event["event"] == "checkpoint":
-                removed = f" (pruned {', '.join(map(str, event['removed']))})" if event["removed"] else ""
-                click.echo(f"step {event['step']}: checkpoint saved in {event['seconds']:.3f} s{removed}", err=True)
-            elif event["event"] == "resumed":
-                click.echo(f"resumed at step {event['step']}", err=True)
-            elif event["event"] == "test":
-                click.echo(f"test loss {event['test_loss']:.4f}, perplexity {event['test_perplexity']:.2f}", err=True)
-        yield line
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        yield TrainingCallback()
+    elif not sys.stderr.isatty():
+        yield _report_lines()
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-                  TimeRemainingColumn(), transient=False) as bar:
-        task = bar.add_task("train", total=iters, status="")
-        last = {"val": ""}
-
-        def update(event: dict) -> None:
-            if event["event"] == "val":
-                last["val"] = f"val {event['val_loss']:.3f}"
-            if event["event"] in ("train", "resumed"):
-                status = (f"loss {event['train_loss']:.3f} · {event['tokens_per_second']:.0f} tok/s"
-                          if event["event"] == "train" else "")
-                bar.update(task, completed=event["step"], status=f"{status} {last['val']}")
-        yield update
+        with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                      TimeRemainingColumn(), transient=False) as bar:
+            yield _progress_bar(bar, bar.add_task("train", total=iters, status=""))
 
 
 @click.command()
@@ -93,13 +114,13 @@ def train(ctx: Context, config_file: Path | None, tags: tuple[str, ...], resume_
 
     if resume_id:
         record = ctx.registry.run(resume_id)
-        with _training_reporter(ctx, record["iters"]) as report:
-            version = trainer.resume(ctx.registry, resume_id, report)
+        with _training_callback(ctx, record["iters"]) as callback:
+            version = trainer.resume(ctx.registry, resume_id, callback)
     else:
         cli_options = dict(options, base=base_, data=str(data) if data else None, tags=parse_tags(tags) or None)
         config = merge(cli_options, config_file)
-        with _training_reporter(ctx, config.iters) as report:
-            version = trainer.train(ctx.registry, config, report)
+        with _training_callback(ctx, config.iters) as callback:
+            version = trainer.train(ctx.registry, config, callback)
     losses = version.record["training"]["losses"]
     val = losses.get("val") or []
     change = f", validation loss {val[0][1]:.4f} -> {val[-1][1]:.4f}" if len(val) > 1 else ""
@@ -170,24 +191,9 @@ def checkpoints_prune(ctx: Context, run_id: str, keep_last: int | None, keep_bes
 @pass_ctx
 def checkpoints_promote(ctx: Context, run_id: str, step: int, name: str) -> None:
     """Register one checkpoint as a version."""
-    # TODO(issue 11): this is library work, not presentation. It belongs beside the trainer as
-    # `promote(registry, run_id, step, name) -> AdapterVersion`, adding the checkpoint's tensors through
-    # the registry's in-memory entry point instead of writing a temporary folder for import_adapter.
-    import tempfile
+    from ..training.checkpoints import promote
 
-    from ..training import checkpoints
-    from ..training.config import TrainConfig
-
-    record, folder = _run_dir(ctx, run_id)
-    checkpoint = checkpoints.find(folder, step)
-    config = TrainConfig(**record["config"])
-    with tempfile.TemporaryDirectory(prefix="adapterhub-promote-") as tmp:
-        written = folder / "adapter_config.json"  # resolved at the run's start (LoReFT's layers, hidden size)
-        (Path(tmp) / "adapter_config.json").write_text(written.read_text() if written.is_file()
-                                                       else json.dumps(config.adapter_config()))
-        version, _ = ctx.registry.import_adapter(
-            Path(tmp), name, base=config.base, dataset=config.data, checkpoint=str(checkpoint.path), tags=config.tags,
-            parent=config.from_ref, description=f"step {step} of run {run_id}")
+    version = promote(ctx.registry, run_id, step, name)
     ctx.emit(version.to_dict(), f"promoted step {step} of {run_id} -> {version.ref}")
 
 

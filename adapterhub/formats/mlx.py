@@ -15,10 +15,10 @@ from pathlib import Path
 
 from ..errors import InvalidAdapterError, NotFoundError
 from ..records import CONFIG_FILE, WEIGHTS_FILE  # noqa: F401 (mlx-lm's file names, re-exported)
-from ..safetensors_io import (FLOAT_DTYPES, MLX_LOADABLE, Header, non_finite_tensors, quote_name, read_header,
-                              refuse_pickle)
+from ..files import read_json
+from ..safetensors_io import (FLOAT_DTYPES, MLX_LOADABLE, Header, build_header, non_finite_tensors, quote_name,
+                              read_header, refuse_pickle, safetensors_dtype, tensor_bytes)
 from ..schemas import validate
-from ..store import read_json
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 # Hyper-parameters mlx-lm writes into adapter_config.json that describe training.
@@ -52,6 +52,23 @@ class ParsedAdapter:
     @property
     def hyperparameters(self) -> dict:
         return {k: self.config[k] for k in TRAINING_KEYS if k in self.config}
+
+
+def lora_config(rank: int, scale: float, num_layers: int, keys: list[str], dropout: float = 0.0, **extra) -> dict:
+    """The adapter_config.json mlx_lm.load(adapter_path=...) needs for a LoRA made outside training (stack, extract)."""
+    return {"fine_tune_type": "lora", "num_layers": num_layers,
+            "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout, "keys": keys}, **extra}
+
+
+def safetensors_chunks(tensors: dict):
+    """The bytes of a safetensors file holding `tensors` (mlx or numpy arrays), in order, as mx.save_safetensors lays
+    them out: names sorted, `format: mlx` metadata. A generator, so a writer can hash and store each part as it comes."""
+    import mlx.core as mx
+
+    arrays = {k: v if isinstance(v, mx.array) else mx.array(v) for k, v in sorted(tensors.items())}
+    yield build_header([(k, safetensors_dtype(a), tuple(a.shape)) for k, a in arrays.items()], {"format": "mlx"})
+    for array in arrays.values():
+        yield tensor_bytes(array)
 
 
 def _bad(path: Path, why: str, hint: str = "re-train or re-save the adapter with mlx_lm.lora") -> InvalidAdapterError:

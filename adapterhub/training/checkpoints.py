@@ -16,7 +16,8 @@ from pathlib import Path
 from ..errors import AdapterHubError, NotFoundError
 from ..safetensors_io import read_header
 from ..schemas import validate
-from ..store import temp_path_for
+from ..files import temp_path_for, write_json
+from ..records import TrainingRun
 
 WEIGHTS = "step-{:07d}.safetensors"
 STATE = "step-{:07d}.state.safetensors"
@@ -126,3 +127,23 @@ def prune(run_dir: Path, keep_last: int, keep_best: int, keep_every: int | None)
             c.state_path.unlink(missing_ok=True)
             removed.append(c.step)
     return removed
+
+
+def promote(registry, run_id: str, step: int, name: str):
+    """Register the checkpoint of `step` as the next version of `name`, with the run's base, data, tags and parent.
+
+    The run folder is an mlx-lm adapter folder: its adapter_config.json (resolved at the run's start:
+    LoReFT's layers, the hidden size) and the checkpoint file, imported byte for byte, so the
+    version's sha256 is the checkpoint file's and its metadata (losses, hashes) travels with it.
+    """
+    from .config import TrainConfig
+
+    run = TrainingRun(registry.run(run_id))
+    checkpoint = find(run.folder, step)
+    config = TrainConfig(**run.config)
+    if not (run.folder / "adapter_config.json").is_file():  # runs recorded before the trainer wrote it at start
+        write_json(run.folder / "adapter_config.json", config.adapter_config())
+    version, _ = registry.import_adapter(run.folder, name, base=config.base, dataset=config.data,
+                                         checkpoint=str(checkpoint.path), tags=config.tags, parent=config.from_ref,
+                                         description=f"step {step} of run {run_id}")
+    return version

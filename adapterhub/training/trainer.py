@@ -18,17 +18,16 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 from ..errors import AdapterHubError, IncompatibleError, NotFoundError
 from ..fingerprint import fingerprint_dataset
-from ..records import now
-from ..store import write_json
+from ..files import write_json
+from ..records import ParentEdge, now
 from . import checkpoints
+from .callbacks import TrainingCallback, TrainReport
 from .config import TrainConfig
 from .data import DataError, validate as validate_data
 
-Reporter = Callable[[dict], None]
 
 
 @dataclass
@@ -83,12 +82,12 @@ def _versions() -> dict:
 class Trainer:
     """One training run, new or resumed."""
 
-    def __init__(self, registry, config: TrainConfig, run_id: str | None = None, reporter: Reporter | None = None):
+    def __init__(self, registry, config: TrainConfig, run_id: str | None = None, callback: TrainingCallback | None = None):
         self.registry = registry
         self.config = config
         self.run_id = run_id or new_run_id(config.name)
         self.run_dir = registry.root / "runs" / self.run_id
-        self.report = reporter or (lambda event: None)
+        self.callback = callback or TrainingCallback()
 
     # ---- set-up: everything checked before the run is recorded ----------------
 
@@ -106,7 +105,8 @@ class Trainer:
         from .. import naming
 
         naming.check_name(config.name, self.registry.policy, config.tags)
-        self.base_fp, base_record = self.registry.resolve_base(config.base)
+        self.base = self.registry.resolve_base(config.base)
+        self.base_fp = self.base.fingerprint
         model_layers = (self.base_fp.get("config") or {}).get("num_hidden_layers")
         if isinstance(model_layers, int):  # the model checks its own layers again once loaded
             if config.kind == "loreft":
@@ -117,7 +117,7 @@ class Trainer:
                 wrapped = config.layers_to_train(model_layers)
                 if config.kind == "dora":
                     _refuse_dora_on_experts(self.base_fp.get("tensors") or {}, model_layers - wrapped)
-        self.base_path = Path(config.base).expanduser() if Path(config.base).expanduser().is_dir() else Path(base_record["path"])
+        self.base_path = self.base.path
         self.dataset_fp = fingerprint_dataset(Path(config.data))
         self.parent = self.registry.resolve(config.from_ref) if config.from_ref else None
         if self.parent:
@@ -225,8 +225,7 @@ class Trainer:
     def _base_name(self) -> str:
         from .. import naming
 
-        known = [b for b in self.registry.bases() if b["sha256"] == self.base_fp["sha256"]]
-        return known[0]["name"] if known else naming.suggest_name(self.base_path.resolve().name)
+        return self.base.name or naming.suggest_name(self.base_path.resolve().name)
 
     def _loop(self, model, optimizer, train_set, valid_set, record: dict):
         import mlx.core as mx
@@ -250,7 +249,7 @@ class Trainer:
             optimizer.state = tree_unflatten(list(mx.load(str(latest.state_path)).items()))
             start_step = latest.step
             losses = {k: [p for p in v if p[0] <= start_step] for k, v in losses.items()}
-            self.report({"event": "resumed", "step": start_step})
+            self.callback.on_resume(start_step)
         batches = _Batches(iterate_batches(train_set, config.batch_size, config.max_seq_length, loop=True, seed=config.seed))
         for _ in range(start_step):
             next(batches)  # the data position is the step: replay the order, skip what was trained
@@ -289,7 +288,7 @@ class Trainer:
             val = validation_loss(it)
             if val is not None:
                 losses["val"].append([it, val])
-                self.report({"event": "val", "step": it, "val_loss": val})
+                self.callback.on_val_report(it, val)
             return val
 
         model.train()
@@ -318,9 +317,9 @@ class Trainer:
                 losses["train"].append([it, train_loss])
                 trained_tokens += window_tokens
                 train_seconds += window_time
-                self.report({"event": "train", "step": it, "iters": config.iters, "train_loss": train_loss,
-                             "tokens_per_second": window_tokens / window_time if window_time else 0.0,
-                             "learning_rate": float(optimizer.learning_rate)})
+                self.callback.on_train_report(TrainReport(
+                    it, config.iters, train_loss, window_tokens / window_time if window_time else 0.0,
+                    float(optimizer.learning_rate)))
                 window_loss, window_tokens, window_steps, window_time = 0.0, 0, 0, 0.0
             if saving:
                 val = record_val(it) if after_update else None
@@ -330,8 +329,7 @@ class Trainer:
                 # the announcement (a person, a script, a test) finds the record already there.
                 self.registry.update_run(self.run_id, step=it, losses=losses, trained_tokens=trained_tokens,
                                          train_seconds=round(train_seconds, 3))
-                self.report({"event": "checkpoint", "step": it, "removed": removed,
-                             "seconds": time.perf_counter() - started})
+                self.callback.on_checkpoint(it, removed, time.perf_counter() - started)
         return self._finish(model, losses, trained_tokens, train_seconds)
 
     def _checkpoint(self, it: int, model, optimizer, losses: dict, val_loss: float | None) -> list:
@@ -374,17 +372,19 @@ class Trainer:
         model.eval()
         value = float(evaluate(model=model, dataset=self.test_set, loss=self.loss_fn, batch_size=self.config.batch_size,
                                num_batches=self.config.val_batches, max_seq_length=self.config.max_seq_length))
-        self.report({"event": "test", "test_loss": value, "test_perplexity": math.exp(value)})
+        self.callback.on_test(value, math.exp(value))
         return {"test_loss": round(value, 6), "test_perplexity": round(math.exp(value), 4)}
 
     def _finish(self, model, losses: dict, trained_tokens: int, train_seconds: float):
         import mlx.core as mx
         from mlx.utils import tree_flatten
 
+        # The run folder keeps what mlx_lm.lora leaves in --adapter-path; the registry gets the same tensors directly.
         folder = self.run_dir / "adapter"
         folder.mkdir(exist_ok=True)
+        tensors = dict(tree_flatten(model.trainable_parameters()))
         tmp = folder / ".adapters.tmp.safetensors"
-        mx.save_safetensors(str(tmp), dict(tree_flatten(model.trainable_parameters())))
+        mx.save_safetensors(str(tmp), tensors)
         os.replace(tmp, folder / "adapters.safetensors")
         write_json(folder / "adapter_config.json", self.adapter_config())
         test = self._test_loss(model)
@@ -394,23 +394,24 @@ class Trainer:
                     "trained_tokens": trained_tokens, "train_seconds": round(train_seconds, 3),
                     "wall_seconds": round(wall, 1), "run_id": self.run_id,
                     "versions": _versions(), "config_sha256": self.config.sha256()}
-        version, _ = self.registry.import_adapter(
-            folder, self.config.name, base=str(self.base_path), dataset=self.config.data,
-            parent=self.parent.ref if self.parent else None, relation="resumed-from", tags=self.config.tags,
-            description=f"trained by adapterhub (run {self.run_id})", training=training)
+        parents = [ParentEdge(self.parent.ref, self.parent.sha256, "resumed-from").to_dict()] if self.parent else []
+        version, _ = self.registry.add_version(
+            self.config.name, tensors, self.adapter_config(), base=str(self.base_path), dataset=self.config.data,
+            parents=parents, tags=self.config.tags, description=f"trained by adapterhub (run {self.run_id})",
+            training=training)
         self.registry.update_run(self.run_id, status="finished", step=self.config.iters, result=version.ref, pid=None,
                                  losses=losses, trained_tokens=trained_tokens, train_seconds=round(train_seconds, 3),
                                  finished_at=now())
-        self.report({"event": "finished", "ref": version.ref})
+        self.callback.on_finish(version.ref)
         return version
 
 
-def train(registry, config: TrainConfig, reporter: Reporter | None = None):
+def train(registry, config: TrainConfig, callback: TrainingCallback | None = None):
     """Train a new version; returns it."""
-    return Trainer(registry, config, reporter=reporter).run()
+    return Trainer(registry, config, callback=callback).run()
 
 
-def resume(registry, run_id: str, reporter: Reporter | None = None):
+def resume(registry, run_id: str, callback: TrainingCallback | None = None):
     """Continue an interrupted (or failed) run from its newest checkpoint; returns the new version."""
     record = registry.run(run_id)
     if record["status"] == "finished":
@@ -419,7 +420,7 @@ def resume(registry, run_id: str, reporter: Reporter | None = None):
         raise AdapterHubError(f"run {run_id} is still running (pid {record['pid']} on {record['host']})",
                               hint="wait for it, or stop it first")
     config = TrainConfig(**record["config"])
-    trainer = Trainer(registry, config, run_id=run_id, reporter=reporter)
+    trainer = Trainer(registry, config, run_id=run_id, callback=callback)
     trainer.prepare()
     if not Path(record["dir"]).is_dir():
         raise NotFoundError(f"run folder {record['dir']} is gone", hint="the run cannot be resumed; train again")
