@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from adapterhub.evaluation import fidelity
+from adapterhub.fidelity import fidelity
 from adapterhub.tinymodel import write_adapter, write_dataset
 from tests.conftest import assert_refused, snapshot, subprocess_env
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import AdapterHubError
-from ..evaluation import AGAINST_PROMPTS, BATCH_SIZE, DEFAULT_TOLERANCE, MAX_SEQ_LENGTH, METRICS, SPLITS
+from ..eval_settings import AGAINST_PROMPTS, BATCH_SIZE, DEFAULT_TOLERANCE, MAX_SEQ_LENGTH, METRICS, SPLITS
 from .context import COUNT, Context, FiniteFloat, pass_ctx
 
 
@@ -58,13 +58,13 @@ def eval_(ctx: Context, target: str | None, base_: str | None, data: Path | None
           max_seq_length: int, force: bool, against: str | None, tolerance: float | None, prompt_count: int | None) -> None:
     """Score a version, a fused model folder, or a base alone (--base) on held-out data; recorded on it, and
     reused unless --force. With --against REF, check a model folder against base + REF; exit 1 past --tolerance."""
-    from .. import evaluation
-
     if against is None:
         if tolerance is not None or prompt_count is not None:
             raise click.UsageError("--tolerance and --prompts go with --against REF")
-        result = evaluation.evaluate(ctx.registry, target, base_, data, split, metric, batch_size, max_seq_length, force,
-                                     progress=_steps_progress(ctx))
+        from ..evaluation import evaluate
+
+        result = evaluate(ctx.registry, target, base_, data, split, metric, batch_size, max_seq_length, force,
+                          progress=_steps_progress(ctx))
         subject, base = result.row["subject"], result.row["base"]["name"]
         label = {"adapter": f"{subject.get('ref')} on {base}", "fused": f"{subject.get('path')} (fused into {base})",
                  "base": f"{base} alone"}[subject["kind"]]
@@ -73,9 +73,10 @@ def eval_(ctx: Context, target: str | None, base_: str | None, data: Path | None
         return
     if target is None or not Path(target).expanduser().is_dir():
         raise click.UsageError("--against compares a model folder with base + REF: give the folder as DIR")
-    report = evaluation.check_fidelity(ctx.registry, target, against,
-                                       DEFAULT_TOLERANCE if tolerance is None else tolerance, data,
-                                       split if data is not None else None, prompt_count or AGAINST_PROMPTS, base_)
+    from ..fidelity import check_fidelity
+
+    report = check_fidelity(ctx.registry, target, against, DEFAULT_TOLERANCE if tolerance is None else tolerance, data,
+                            split if data is not None else None, prompt_count or AGAINST_PROMPTS, base_)
     ctx.emit(report, _fidelity_text(report))
     if not report["passed"]:
         raise AdapterHubError(f"{target}'s greedy tokens differ from base + {report['against']} at "
@@ -129,10 +130,10 @@ def _comparison_text(comparison) -> str:
 def compare(ctx: Context, refs: tuple[str, ...], base_: str | None, data: Path | None, split: str, metrics: tuple[str, ...],
             batch_size: int, max_seq_length: int) -> None:
     """Versions side by side: what they are, how they trained, every evaluation they share; the best value marked."""
-    from .. import evaluation
+    from ..evaluation import compare as compare_versions
 
-    comparison = evaluation.compare(ctx.registry, list(refs), base_, data, split, list(metrics) or None, batch_size,
-                                    max_seq_length, progress=_steps_progress(ctx))
+    comparison = compare_versions(ctx.registry, list(refs), base_, data, split, list(metrics) or None, batch_size,
+                                  max_seq_length, progress=_steps_progress(ctx))
     ctx.emit(comparison.to_dict(), _comparison_text(comparison))
 
 

@@ -42,6 +42,50 @@ def _check_messages(messages, where: str) -> None:
             raise DataError(f"{where}: messages[{i}] has no string 'content'", hint="fix or remove that line")
 
 
+def check_split(path: Path, expected: str | None = None) -> tuple[str | None, int]:
+    """Every line of one split file as mlx-lm's datasets read it: its format (None when it has no lines) and its
+    examples. Training and evaluation both read data through here, so what one accepts the other does too.
+
+    Args:
+        expected: the format earlier files of the dataset had; mlx-lm reads one format per dataset.
+
+    Raises:
+        DataError: the first problem, with its file and line number.
+    """
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = list(enumerate(f, 1))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 ({e.reason})", hint="re-save the file as UTF-8") from None
+    first_format, count = expected, 0
+    for number, line in lines:
+        where = f"{path}:{number}"
+        if not line.strip():
+            # mlx-lm's load_local_dataset json.loads every line, blank ones too, and fails on them:
+            # refused here, so the data that trains here is data mlx_lm.lora reads as well.
+            raise DataError(f"{where}: blank line", hint="remove blank lines (mlx-lm reads one JSON object per line)")
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})", hint="fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a line must be a JSON object, not {type(row).__name__}", hint="fix or remove that line")
+        kind = _format_of(row)
+        if kind is None:
+            raise DataError(f"{where}: has none of 'text', 'prompt'+'completion' or 'messages'",
+                            hint="use one of mlx-lm's data formats (see mlx-lm's LORA.md)")
+        first_format = first_format or kind
+        if kind != first_format:
+            raise DataError(f"{where}: is {kind} data but earlier lines are {first_format}", hint="use one format per dataset")
+        values = [row["text"]] if kind == "text" else [row["prompt"], row["completion"]] if kind == "completions" else []
+        if any(not isinstance(v, str) or not v for v in values):
+            raise DataError(f"{where}: empty or non-string text", hint="fix or remove that line")
+        if kind == "chat":
+            _check_messages(row["messages"], where)
+        count += 1
+    return first_format, count
+
+
 def validate(folder: Path, mask_prompt: bool = False) -> dict[str, int]:
     """Check every line of train/valid/test.jsonl; returns examples per split.
 
@@ -56,40 +100,8 @@ def validate(folder: Path, mask_prompt: bool = False) -> dict[str, int]:
     counts, first_format = {}, None
     for split in SPLITS:
         path = folder / f"{split}.jsonl"
-        if not path.is_file():
-            continue
-        count = 0
-        with open(path, encoding="utf-8", errors="strict") as f:
-            try:
-                lines = list(enumerate(f, 1))
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path} is not UTF-8 ({e.reason})", hint="re-save the file as UTF-8") from None
-        for number, line in lines:
-            where = f"{path}:{number}"
-            if not line.strip():
-                # mlx-lm's load_local_dataset json.loads every line, blank ones too, and fails on them:
-                # refused here, so the data that trains here is data mlx_lm.lora reads as well.
-                raise DataError(f"{where}: blank line", hint="remove blank lines (mlx-lm reads one JSON object per line)")
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})", hint="fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: a line must be a JSON object, not {type(row).__name__}", hint="fix or remove that line")
-            kind = _format_of(row)
-            if kind is None:
-                raise DataError(f"{where}: has none of 'text', 'prompt'+'completion' or 'messages'",
-                                hint="use one of mlx-lm's data formats (see mlx-lm's LORA.md)")
-            first_format = first_format or kind
-            if kind != first_format:
-                raise DataError(f"{where}: is {kind} data but earlier lines are {first_format}", hint="use one format per dataset")
-            values = [row["text"]] if kind == "text" else [row["prompt"], row["completion"]] if kind == "completions" else []
-            if any(not isinstance(v, str) or not v for v in values):
-                raise DataError(f"{where}: empty or non-string text", hint="fix or remove that line")
-            if kind == "chat":
-                _check_messages(row["messages"], where)
-            count += 1
-        counts[split] = count
+        if path.is_file():
+            first_format, counts[split] = check_split(path, first_format)
     for split, count in counts.items():
         if split != "train" and not count:
             # mlx-lm's create_dataset reads the format from the first row: an empty file fails there.
