@@ -20,9 +20,18 @@ def load_loreft(registry, version, model):
     return model
 
 
+def templated(tokenizer, prompt: str, use_chat_template: bool = True) -> str:
+    """The prompt as the model was tuned to read it: wrapped in its chat template as one user turn when the
+    tokenizer has one, as mlx_lm.generate does unless --ignore-chat-template; else the text as given."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
 def generate(registry, ref: str, base: str | None, prompt: str, max_tokens: int = 100,
-             allow_different_weights: bool = False) -> dict:
-    """Load base + adapter with mlx-lm and generate greedily; returns {ref, base, prompt, text}."""
+             allow_different_weights: bool = False, use_chat_template: bool = True) -> dict:
+    """Load base + adapter with mlx-lm and generate greedily; returns {ref, base, prompt, text, chat_template}."""
     # Before the model loads: mlx-lm fails on zero or negative lengths with an error about its internals.
     ranges.require("--max-tokens", max_tokens, ranges.COUNT, hint="pass e.g. --max-tokens 100")
     version = registry.resolve(ref)
@@ -44,11 +53,17 @@ def generate(registry, ref: str, base: str | None, prompt: str, max_tokens: int 
         from . import loreft
 
         model, tokenizer = load(str(base_path))
-        text = loreft.generate(load_loreft(registry, version, model), tokenizer, prompt, max_tokens)
-        return {"ref": version.ref, "base": str(base_path), "prompt": prompt, "text": text}
+        text = loreft.generate(load_loreft(registry, version, model), tokenizer,
+                               templated(tokenizer, prompt, use_chat_template), max_tokens)
+        return _result(version, base_path, prompt, text, tokenizer, use_chat_template)
 
     with tempfile.TemporaryDirectory(prefix="adapterhub-generate-") as tmp:
         copy_stored_files(registry, version, Path(tmp) / "adapter")
         model, tokenizer = load(str(base_path), adapter_path=str(Path(tmp) / "adapter"))
-    text = mlx_generate(model, tokenizer, prompt=prompt, max_tokens=max_tokens)
-    return {"ref": version.ref, "base": str(base_path), "prompt": prompt, "text": text}
+    text = mlx_generate(model, tokenizer, prompt=templated(tokenizer, prompt, use_chat_template), max_tokens=max_tokens)
+    return _result(version, base_path, prompt, text, tokenizer, use_chat_template)
+
+
+def _result(version, base_path: Path, prompt: str, text: str, tokenizer, use_chat_template: bool) -> dict:
+    return {"ref": version.ref, "base": str(base_path), "prompt": prompt, "text": text,
+            "chat_template": bool(use_chat_template and getattr(tokenizer, "chat_template", None))}

@@ -352,7 +352,7 @@ def test_loreft_trains_with_the_parameters_its_config_implies(cli, tmp_path, arc
     from mlx_lm import load
 
     from adapterhub import loreft
-    from adapterhub.generation import load_loreft
+    from adapterhub.generation import load_loreft, templated
     from adapterhub.registry import Registry
 
     model, registry = arch_model(arch, variant), tmp_path / "registry"
@@ -380,7 +380,7 @@ def test_loreft_trains_with_the_parameters_its_config_implies(cli, tmp_path, arc
     loaded, tokenizer = load(str(model))
     reg = Registry(registry)
     assert json.loads(out)["text"] == loreft.generate(load_loreft(reg, reg.resolve("steered"), loaded), tokenizer,
-                                                      "what colour is the sky ?", 4)
+                                                      templated(tokenizer, "what colour is the sky ?"), 4)
 
 
 @pytest.mark.parametrize("arch, variant", rows("train --resume"))
@@ -423,13 +423,16 @@ def test_resume_is_byte_identical(cli, tmp_path, arch, variant, arch_model, stor
 def test_generate_is_mlx_lms_generation_with_the_adapter(cli, arch, variant, arch_model, row_registry, upstream_adapters):
     from mlx_lm import generate, load
 
+    from adapterhub.generation import templated
+
     model, registry = arch_model(arch, variant), row_registry(arch, variant)
     out = run_cell(cli, arch, "generate", "--json", "generate", "tuned", "--base", model, "--prompt", "the cat",
                    "--max-tokens", "6", registry=registry)
     if out is None:
         return
     loaded, tokenizer = load(str(model), adapter_path=str(upstream_adapters[arch]))
-    assert json.loads(out)["text"] == generate(loaded, tokenizer, prompt="the cat", max_tokens=6)
+    # As the mlx_lm.generate command line does: the prompt as a user turn in the tokenizer's chat template.
+    assert json.loads(out)["text"] == generate(loaded, tokenizer, prompt=templated(tokenizer, "the cat"), max_tokens=6)
 
 
 @pytest.mark.parametrize("arch, variant", rows("peft"))

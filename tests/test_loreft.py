@@ -94,20 +94,21 @@ def test_shared_weights_use_one_intervention_per_layer(tiny_model):
 def test_save_load_generate_gives_the_in_memory_tokens(cli, registry, trained, tiny_model, tmp_path):
     from mlx_lm import load
 
-    from adapterhub.generation import load_loreft
+    from adapterhub.generation import load_loreft, templated
 
     prompt = "what colour is the grass ?"
     code, out, err = cli("--json", "generate", "reft", "--prompt", prompt, "--max-tokens", "6")
     assert code == 0, err
     from_cli = json.loads(out)["text"]
     model, tokenizer = load(str(tiny_model))
-    in_memory = loreft.generate(load_loreft(registry, registry.resolve("reft"), model), tokenizer, prompt, 6)
+    in_memory = loreft.generate(load_loreft(registry, registry.resolve("reft"), model), tokenizer,
+                                templated(tokenizer, prompt), 6)
     assert from_cli == in_memory
     # The exported folder loads in the library on its own, and generates the same.
     assert cli("export", "reft", tmp_path / "exported")[0] == 0
     model, tokenizer = load(str(tiny_model))
     loreft.load_folder(model, tmp_path / "exported")
-    assert loreft.generate(model, tokenizer, prompt, 6) == in_memory
+    assert loreft.generate(model, tokenizer, templated(tokenizer, prompt), 6) == in_memory
     plain, _ = load(str(tiny_model))
     tokens = mx.array([tokenizer.encode(prompt)])
     loreft.set_prompt_lengths(model, mx.array([tokens.shape[1]]))

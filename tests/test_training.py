@@ -241,6 +241,11 @@ def test_generate_applies_the_registered_adapter(cli, registry, tiny_model, lora
     code, out, err = cli("generate", "stories", "--prompt", "the dog", "--max-tokens", "8")
     assert code == 0, err
     model, tokenizer = load(str(tiny_model), adapter_path=str(lora_adapter))
+    # As mlx_lm.generate's command line: the prompt goes in as a user turn of the tokenizer's chat template.
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "the dog"}], tokenize=False, add_generation_prompt=True)
+    assert chat != "the dog"
+    assert out.strip() == generate(model, tokenizer, prompt=chat, max_tokens=8).strip()
+    code, out, err = cli("generate", "stories", "--prompt", "the dog", "--max-tokens", "8", "--ignore-chat-template")
     assert out.strip() == generate(model, tokenizer, prompt="the dog", max_tokens=8).strip()
     narrow = __import__("adapterhub.tinymodel", fromlist=["write_model"]).write_model(
         registry.root.parent / "narrow", hidden_size=32, intermediate_size=64)

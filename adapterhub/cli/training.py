@@ -203,12 +203,14 @@ def checkpoints_promote(ctx: Context, run_id: str, step: int, name: str) -> None
 @click.option("--prompt", required=True)
 @click.option("--max-tokens", type=COUNT, default=100, show_default=True)
 @click.option("--allow-different-weights", is_flag=True)
+@click.option("--ignore-chat-template", is_flag=True, help="Use the prompt as given, even when the tokenizer has a chat template.")
 @pass_ctx
-def generate(ctx: Context, ref: str, base_: str | None, prompt: str, max_tokens: int, allow_different_weights: bool) -> None:
+def generate(ctx: Context, ref: str, base_: str | None, prompt: str, max_tokens: int, allow_different_weights: bool,
+             ignore_chat_template: bool) -> None:
     """Generate with a registered adapter applied (after the compatibility check)."""
     from ..generation import generate as run_generate
 
-    result = run_generate(ctx.registry, ref, base_, prompt, max_tokens, allow_different_weights)
+    result = run_generate(ctx.registry, ref, base_, prompt, max_tokens, allow_different_weights, not ignore_chat_template)
     ctx.emit(result, result["text"])
 
 
