@@ -16,7 +16,7 @@ from .fingerprint import hash_files
 from .lineage import Lineage, Node, ancestors, safe_member
 from .records import RECORD_FILE
 from .registry import Registry
-from .store import read_json
+from .files import read_json
 
 STATUSES = ("ok", "changed", "missing", "unchecked")
 

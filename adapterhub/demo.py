@@ -13,7 +13,7 @@ import click
 
 from .records import RECORD_FILE
 from .registry import Registry
-from .store import check_output, read_json
+from .files import check_output, read_json
 from .tinymodel import write_dataset, write_model
 
 DEMO_ITERS = 30

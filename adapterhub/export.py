@@ -16,7 +16,7 @@ from .formats import peft as peft_format
 from .lineage import safe_member
 from .records import RECORD_FILE
 from .registry import Registry
-from .store import atomic_write, write_json
+from .files import atomic_write, write_json
 
 
 def export(registry: Registry, ref: str, out_dir: Path | str, format: str = "mlx", force: bool = False) -> list[Path]:

@@ -11,7 +11,7 @@ from typing import Callable
 
 from .errors import InvalidAdapterError, NotFoundError
 from .safetensors_io import PICKLE_SUFFIXES, quote_name, read_header, refuse_pickle, sha256_file, unloadable_by_mlx
-from .store import read_json, write_json
+from .files import read_json, write_json
 
 # config.json fields that decide how mlx-lm builds the model and reads its weights: two folders with
 # the same weights but another value here are different models (or one mlx-lm cannot load at all).

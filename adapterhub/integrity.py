@@ -21,7 +21,8 @@ from .schemas import validate
 from .outputs import STAGING
 from .records import VERSION_RELATIONS, weights_claim_problem
 from .runs import process_alive
-from .store import open_db, read_tables, writer_pid
+from .files import writer_pid
+from .store import open_db, read_tables
 
 INDEX_SCHEMAS = {"bases.json": "base_model", "datasets.json": "dataset", "fused.json": "fused_model",
                  "runs.json": "training_run", "evals.json": "evaluation"}

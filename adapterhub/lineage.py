@@ -22,7 +22,7 @@ from .errors import AdapterHubError, CorruptRegistryError, NotFoundError
 from .records import RECORD_FILE, VERSION_RELATIONS, AdapterVersion
 from .registry import Registry
 from .schemas import validate
-from .store import read_json
+from .files import read_json
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 

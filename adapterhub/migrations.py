@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .errors import AdapterHubError
 from .fingerprint import canonical_sha256, config_essentials, model_sha256
-from .store import open_db, read_json, read_tables, write_json
+from .files import read_json, write_json
+from .store import open_db, read_tables
 
 FORMAT = 2
 # The config fields a format-1 registry hashed into a base's structure (quantization aside).

@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from .store import atomic_write, write_json
+from .files import atomic_write, write_json
 
 _SUBJECTS = ["the cat", "a dog", "the robot", "my friend", "the teacher", "a bird", "the model", "our team"]
 _VERBS = ["sees", "likes", "builds", "finds", "paints", "reads", "trains", "opens"]
