@@ -86,22 +86,31 @@ def _shape_text(shape: tuple[int, ...]) -> str:
     return text + (f", {shape[2]} experts" if len(shape) == 3 else "")
 
 
-def check(adapter_name: str, modules: dict[str, tuple[int, ...]], layers: list[int], adapter_base: dict | None,
-          base_name: str, base: dict, adapter_base_files: list[dict] | None = None,
-          allow_different_weights: bool = False, hidden_size: int | None = None) -> CompatReport:
-    """Decide whether an adapter fits a base model.
+@dataclass(frozen=True)
+class AdapterShape:
+    """What compatibility is decided on, on the adapter's side.
 
-    Args:
-        adapter_name: the adapter's ref, for messages.
-        modules: adapter module path -> (in, out), or (in, out, experts) for an expert layer, from its weight header.
-        layers: decoder layer indices the adapter touches.
-        adapter_base: the adapter's recorded base {sha256, structure_sha256, ...}, or None.
-        base_name: the candidate base's name or path, for messages.
-        base: the candidate base's fingerprint (sha256, structure_sha256, config, tensors, files).
-        adapter_base_files: the files of the adapter's recorded base, to say which differ.
-        allow_different_weights: accept the same structure with other weights.
-        hidden_size: a LoReFT adapter's hidden size (it edits hidden states, not modules).
+    modules: module path -> (in, out), or (in, out, experts) for an expert layer.
+    layers: the decoder layers it touches.
+    recorded_base: the base its record names ({name, sha256, structure_sha256, model_type}, plus that
+        base's `config` when it is registered here), or None when it records none.
+    recorded_base_files: that base's files, to say which differ.
+    hidden_size: a LoReFT adapter's hidden size (it edits hidden states, not modules).
     """
+
+    name: str
+    modules: dict[str, tuple[int, ...]]
+    layers: list[int]
+    recorded_base: dict | None = None
+    recorded_base_files: list[dict] | None = None
+    hidden_size: int | None = None
+
+
+def check(adapter: AdapterShape, base_name: str, base: dict, allow_different_weights: bool = False) -> CompatReport:
+    """Decide whether an adapter fits a base model, given as its fingerprint (sha256, structure_sha256, config,
+    tensors, files) and the name or path it was given by, for messages."""
+    adapter_name, modules, layers, hidden_size = adapter.name, adapter.modules, adapter.layers, adapter.hidden_size
+    adapter_base, adapter_base_files = adapter.recorded_base, adapter.recorded_base_files
     config = base["config"]
     quant = config.get("quantization") or {}
     by_normal = {_normalise(k.removesuffix(".weight")): k.removesuffix(".weight")

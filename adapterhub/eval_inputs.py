@@ -41,17 +41,10 @@ class Target:
         return [EvalResult.from_dict(r) for r in registry.evaluations(self.version or self.sha256)]
 
 
-def base_folder(base: str | Path, record: dict | None) -> Path:
-    """`base` when it is a folder, else the folder of the registered base `record`."""
-    path = Path(base).expanduser()
-    return path if path.is_dir() else Path(record["path"])
-
-
 def base_target(registry, base: str | Path) -> Target:
-    fingerprint, record = registry.resolve_base(base)
-    path = base_folder(base, record)
-    name = record["name"] if record else naming.suggest_name(path.resolve().name)
-    return Target("base", name, fingerprint["sha256"], {"name": name, "sha256": fingerprint["sha256"]}, path)
+    resolved = registry.resolve_base(base)
+    name = resolved.name or naming.suggest_name(resolved.path.resolve().name)
+    return Target("base", name, resolved.sha256, {"name": name, "sha256": resolved.sha256}, resolved.path)
 
 
 def adapter_target(registry, ref: str, base: str | Path | None) -> Target:
@@ -92,10 +85,10 @@ def fused_record(registry, folder: Path) -> dict:
     if not known:
         raise AdapterHubError(f"{folder} is not a fused model of the registry at {registry.root} "
                               f"({claimed['sha256'][:12]} is not in its catalogue)", hint=hint)
-    fingerprint, _ = registry.resolve_base(folder)
-    if fingerprint["sha256"] != known["sha256"]:
+    now_sha = registry.resolve_base(folder).sha256
+    if now_sha != known["sha256"]:
         raise AdapterHubError(f"{folder}'s files are no longer the fused model {known['sha256'][:12]} "
-                              f"(they hash to {fingerprint['sha256'][:12]})", hint=hint)
+                              f"(they hash to {now_sha[:12]})", hint=hint)
     return known
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import ranges
 from .errors import AdapterHubError, IncompatibleError, NotFoundError
-from .eval_inputs import adapter_target, base_folder
+from .eval_inputs import adapter_target
 from .eval_scoring import load_target
 from .eval_settings import AGAINST_PROMPTS, DEFAULT_TOLERANCE, FIDELITY_TOKENS, FUSE_PROMPTS
 from .records import RECORD_FILE, AdapterVersion
@@ -68,7 +68,7 @@ def _fidelity_base(registry, folder: Path, version: AdapterVersion, base: str | 
     """The base to apply `version` to: `base`, else the base the folder says it was fused into (when
     registered here), else the version's own."""
     if base is not None:
-        return base_folder(base, registry.resolve_base(base)[1])
+        return registry.resolve_base(base).path
     claimed = read_json(folder / RECORD_FILE)
     claimed_base = (claimed.get("base") or {}).get("sha256") if isinstance(claimed, dict) else None
     known = registry.bases_by_sha().get(claimed_base) if isinstance(claimed_base, str) else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import naming
-from .errors import AdapterHubError
+from .errors import NotFoundError
 from .files import read_json
 from .formats import mlx as mlx_format
 from .records import RECORD_FILE, AdapterVersion
@@ -33,7 +33,7 @@ class ForeignFolders:
                 try:
                     self.resolve_base(config["base_model_name_or_path"])
                     base = config["base_model_name_or_path"]
-                except AdapterHubError:
+                except NotFoundError:  # not here: imported without a base, as PEFT does not say which weights
                     pass
             origin = origin_of(folder)
             if origin and not parent and self._same_tensors(origin, Path(scratch)):

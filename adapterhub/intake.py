@@ -107,8 +107,9 @@ class Intake:
         naming.check_name(name, self.policy, tags, base_name)
         dataset_fp = fingerprint_dataset(Path(dataset), self._hash_cache) if dataset else None
         if resolved:
-            report = compat.check(name, parsed.modules, list(parsed.layers), None, str(base), resolved.fingerprint,
-                                  hidden_size=(parsed.loreft or {}).get("hidden_size"))
+            shape = compat.AdapterShape(name, parsed.modules, list(parsed.layers),
+                                        hidden_size=(parsed.loreft or {}).get("hidden_size"))
+            report = compat.check(shape, str(base), resolved.fingerprint)
             if not report.compatible:
                 raise IncompatibleError(f"adapter {parsed.weights_path.parent} does not fit base {base}: "
                                         + "; ".join(report.problems[:3]),

@@ -254,9 +254,10 @@ class Registry(Intake, BaseModels, TrainingRuns, Outputs, ForeignFolders):
         recorded = version.record.get("base")
         recorded_full = self.bases_by_sha().get(recorded["sha256"]) if recorded else None
         adapter_base = {**recorded, "config": recorded_full["config"]} if recorded and recorded_full else recorded
-        return compat.check(version.ref, self.modules(version), version.layers, adapter_base, str(base), base_fp,
-                            recorded_full["files"] if recorded_full else None, allow_different_weights,
-                            hidden_size=(version.record.get("loreft") or {}).get("hidden_size"))
+        shape = compat.AdapterShape(version.ref, self.modules(version), version.layers, adapter_base,
+                                    recorded_full["files"] if recorded_full else None,
+                                    (version.record.get("loreft") or {}).get("hidden_size"))
+        return compat.check(shape, str(base), base_fp, allow_different_weights)
 
     def alias(self, ref: str, alias: str) -> AdapterVersion:
         """Point `name@alias` at the version `ref` names (aliases move, versions do not)."""

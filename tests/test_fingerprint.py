@@ -195,7 +195,7 @@ def test_a_base_fingerprinted_before_config_counted_is_still_exact(tiny_model, t
     modules = {"model.layers.3.self_attn.q_proj": (64, 64)}
 
     def report(base):
-        return compat.check("a@1", modules, [3], legacy, "candidate", base, fp["files"])
+        return compat.check(compat.AdapterShape("a@1", modules, [3], legacy, fp["files"]), "candidate", base)
 
     same = report(fp)
     assert same.verdict == "exact" and "more config.json fields (attention_bias" in same.notes[1]
