@@ -20,12 +20,17 @@ def load_loreft(registry, version, model):
     return model
 
 
-def templated(tokenizer, prompt: str, use_chat_template: bool = True) -> str:
-    """The prompt as the model was tuned to read it: wrapped in its chat template as one user turn when the
-    tokenizer has one, as mlx_lm.generate does unless --ignore-chat-template; else the text as given."""
+def templated(tokenizer, prompt: str, use_chat_template: bool = True) -> str | list[int]:
+    """The prompt as the model was tuned to read it, in the form mlx-lm's generate takes.
+
+    With a chat template (unless told not to): one user turn with the generation prompt, as token ids
+    without an added BOS, exactly as the mlx_lm.generate command line encodes it and as mlx-lm's
+    datasets tokenize training data. Else the text as given (mlx-lm adds the BOS).
+    """
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
     return prompt
 
 

@@ -319,11 +319,12 @@ def load_folder(model, folder) -> LoReFTConfig:
     return parameters
 
 
-def generate(model, tokenizer, prompt: str, max_tokens: int = 100) -> str:
-    """Greedy decoding: the whole prompt in one prefill with interventions, then plain decoding."""
+def generate(model, tokenizer, prompt: str | list[int], max_tokens: int = 100) -> str:
+    """Greedy decoding: the whole prompt (text, or token ids as generation.templated gives) in one prefill with
+    interventions, then plain decoding."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    tokens = tokenizer.encode(prompt)
+    tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     cache = make_prompt_cache(model)
     set_prompt_lengths(model, mx.array([len(tokens)]))
     logits = model(mx.array([tokens]), cache=cache)

@@ -70,8 +70,10 @@ def write_tokenizer(folder: Path) -> int:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=1000, min_frequency=1, special_tokens=SPECIAL_TOKENS, show_progress=False)
-    # Each word with and without its leading space, so every word of the toy corpus is one token.
-    tokenizer.train_from_iterator([w for w in words for _ in range(3)] + [" " + w for w in words for _ in range(3)], trainer)
+    # Each word with and without its leading space, so every word of the toy corpus is one token; and the newline
+    # that ends a chat template's turn.
+    tokenizer.train_from_iterator([w for w in words for _ in range(3)] + [" " + w for w in words for _ in range(3)]
+                                  + ["\n"] * 3, trainer)
     bos = tokenizer.token_to_id("<s>")
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,8 +81,10 @@ def write_tokenizer(folder: Path) -> int:
     write_json(folder / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
         "unk_token": "<unk>", "pad_token": "<pad>", "model_max_length": 512, "clean_up_tokenization_spaces": False,
-        # A minimal template, so completions and chat data (which mlx-lm formats with it) work too.
-        "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}",
+        # A minimal template, so completions and chat data (which mlx-lm formats with it) work too. Turns end in a
+        # newline, a token of its own: a generation prompt ending in a space would end in a token that training
+        # never saw (byte-level BPE joins a space to the word after it).
+        "chat_template": "{% for m in messages %}{{ m['content'] }}\n{% endfor %}",
     })
     return tokenizer.get_vocab_size()
 
