@@ -153,9 +153,6 @@ class ResolvedBase:
     def quantized(self) -> bool:
         return bool(self.config.get("quantization"))
 
-    def __iter__(self):  # TRANSITION: callers not yet moved unpack (fingerprint, record); removed once they are
-        return iter((self.fingerprint, self.record.record if self.record else None))
-
 
 @dataclass(frozen=True)
 class FusedModel:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -161,15 +162,20 @@ def test_unfuse_refuses_damaged_restore_data(cli, registry, tmp_path, tiny_model
     assert report["exact"] is False and 0 < report["inexact_fraction"] < 1e-3 and report["max_abs_error"] > 0
 
 
-def test_fuse_refuses_an_update_that_overflows_the_base_dtype_and_leaves_nothing(cli, registry, tmp_path):
-    # Finite everywhere on the way in: float32 factors of ~1e5 with scale 10 give updates near 1e9,
-    # beyond float16's 65504, so only the fused tensor itself is inf.
+def _float16_model_with_overflowing_adapter(tmp_path):
+    """A float16 model and an adapter finite everywhere on the way in: float32 factors of ~1e5 with scale 10 give
+    updates near 1e9, beyond float16's 65504, so only the fused tensor itself is inf."""
     model = write_model(tmp_path / "model", dtype="float16", seed=3)
     adapter = write_adapter(model, tmp_path / "adapter", seed=4)
     weights = mx.load(str(adapter / "adapters.safetensors"))
     mx.save_safetensors(str(adapter / "adapters.safetensors"),
                         {k: (v.astype(mx.float32) * 1e5) if k.endswith("lora_b") else v.astype(mx.float32) * 1e3
                          for k, v in weights.items()})
+    return model, adapter
+
+
+def test_fuse_refuses_an_update_that_overflows_the_base_dtype_and_leaves_nothing(cli, registry, tmp_path):
+    model, adapter = _float16_model_with_overflowing_adapter(tmp_path)
     assert cli("import", adapter, "--name", "huge", "--base", model)[0] == 0
     objects_before, before = snapshot(registry.root / "objects"), snapshot(registry.root)
     code, _, err = cli("fuse", "huge", "--base", model, "--out", tmp_path / "fused")
@@ -198,13 +204,8 @@ def test_unfuse_refuses_a_folder_record_fuse_did_not_write(cli, registry, tmp_pa
 def test_a_refused_fuse_does_not_register_its_base(cli, registry, tmp_path):
     # The adapter is imported against one model, then fused into another of the same shapes, never
     # registered: the update overflows float16, and the refusal must leave that base unregistered.
-    model = write_model(tmp_path / "model", dtype="float16", seed=3)
+    model, adapter = _float16_model_with_overflowing_adapter(tmp_path)
     other = write_model(tmp_path / "other", dtype="float16", seed=8)
-    adapter = write_adapter(model, tmp_path / "adapter", seed=4)
-    weights = mx.load(str(adapter / "adapters.safetensors"))
-    mx.save_safetensors(str(adapter / "adapters.safetensors"),
-                        {k: (v.astype(mx.float32) * 1e5) if k.endswith("lora_b") else v.astype(mx.float32) * 1e3
-                         for k, v in weights.items()})
     assert cli("import", adapter, "--name", "huge", "--base", model)[0] == 0
     bases, before = [b["sha256"] for b in registry.bases()], snapshot(registry.root)
     code, _, err = cli("fuse", "huge", "--base", other, "--out", tmp_path / "fused", "--allow-different-weights")
@@ -219,17 +220,88 @@ def test_a_refused_fuse_does_not_register_its_base(cli, registry, tmp_path):
     assert record["base"]["sha256"] in [b["sha256"] for b in registry.bases()] and len(registry.bases()) == len(bases) + 1
 
 
+PROFILE_KEYS = {"wall", "reading", "computing", "restore", "copying", "writing", "hashing", "waiting"}
+
+
 def test_fuse_reports_a_profile(cli, tmp_path, tiny_model, lora_adapter, monkeypatch):
     cli("import", lora_adapter, "--name", "stories", "--base", tiny_model)
     monkeypatch.setenv("ADAPTERHUB_PROFILE", "1")
     code, out, err = cli("--json", "fuse", "stories", "--base", tiny_model, "--out", tmp_path / "fused")
     assert code == 0, err
     profile = json.loads(out)["profile"]
-    assert set(profile) == {"wall", "reading", "computing", "restore", "copying", "writing", "hashing", "waiting"}
+    assert set(profile) == PROFILE_KEYS
     assert all(v >= 0 for v in profile.values()) and profile["computing"] > 0 and profile["hashing"] > 0
     assert "profile  wall" in err
     # Kept out of the record stored with the model.
     assert "profile" not in json.loads((tmp_path / "fused" / "adapterhub.json").read_text())
+
+
+def test_profile_flag_on_fuse_and_unfuse(cli, tmp_path, tiny_model, lora_adapter, monkeypatch):
+    monkeypatch.delenv("ADAPTERHUB_PROFILE", raising=False)
+    cli("import", lora_adapter, "--name", "stories", "--base", tiny_model)
+    code, out, err = cli("fuse", "stories", "--base", tiny_model, "--out", tmp_path / "fused", "--profile")
+    assert code == 0, err
+    assert err.count("profile  wall") == 1 and "computing" in err and "profile  wall" not in out
+    code, out, err = cli("--json", "unfuse", tmp_path / "fused", "--out", tmp_path / "back", "--profile")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["exact"] is True and set(report["profile"]) == PROFILE_KEYS and "profile  wall" in err
+    assert report["profile"]["writing"] > 0
+
+
+def test_without_profile_nothing_is_timed_or_printed(cli, tmp_path, tiny_model, lora_adapter, monkeypatch):
+    monkeypatch.delenv("ADAPTERHUB_PROFILE", raising=False)
+    cli("import", lora_adapter, "--name", "stories", "--base", tiny_model)
+    code, out, err = cli("--json", "fuse", "stories", "--base", tiny_model, "--out", tmp_path / "fused")
+    assert code == 0 and "profile" not in err
+    record = json.loads(out)
+    assert "profile" not in record and record["seconds"] > 0
+    code, out, err = cli("--json", "unfuse", tmp_path / "fused", "--out", tmp_path / "back")
+    assert code == 0 and "profile" not in json.loads(out) and "profile" not in err
+    # ADAPTERHUB_PROFILE=0 is off, as an unset variable is.
+    monkeypatch.setenv("ADAPTERHUB_PROFILE", "0")
+    code, out, err = cli("--json", "fuse", "stories", "--base", tiny_model, "--out", tmp_path / "again")
+    assert code == 0 and "profile" not in json.loads(out) and "profile" not in err
+
+
+def test_fuse_names_the_base_it_registered(cli, tmp_path):
+    # An unregistered base whose folder name another base holds: the plan can only guess its name,
+    # the fuse registers it under a free one, and the message names that one.
+    model = write_model(tmp_path / "model", seed=3)
+    other = write_model(tmp_path / "other", seed=8)
+    assert cli("base", "add", write_model(tmp_path / "third", seed=9), "--name", "other")[0] == 0
+    assert cli("import", write_adapter(model, tmp_path / "adapter", seed=4), "--name", "tuned", "--base", model)[0] == 0
+    code, out, err = cli("fuse", "tuned", "--base", other, "--out", tmp_path / "fused", "--allow-different-weights")
+    assert code == 0, err
+    assert out.startswith(f"fused tuned@1 into other-2 -> {tmp_path / 'fused'}"), out
+
+
+def test_fuse_writes_the_card_it_is_handed(registry, tmp_path, tiny_model, lora_adapter):
+    from adapterhub.algebra.fuse import execute_fuse, plan_fuse
+    from adapterhub.card import fused_card
+
+    registry.import_adapter(lora_adapter, "stories", base=tiny_model)
+    plain = execute_fuse(plan_fuse(registry, ["stories"], str(tiny_model), tmp_path / "plain"), registry)
+    assert not (tmp_path / "plain" / "README.md").exists()
+    seen = []
+    record = execute_fuse(plan_fuse(registry, ["stories"], str(tiny_model), tmp_path / "carded"), registry,
+                          card=lambda *args: seen.append(args) or fused_card(*args))
+    (written_registry, written_record, folder), = seen
+    assert written_registry is registry and folder == tmp_path / "carded"
+    assert written_record["sha256"] == record["sha256"] == plain["sha256"]
+    assert (tmp_path / "carded" / "README.md").read_text() == fused_card(registry, written_record, folder)
+
+
+def test_algebra_imports_no_presentation():
+    import ast
+
+    from adapterhub import algebra
+
+    for path in sorted(Path(algebra.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+                assert not {"card", "lineage"} & {part for n in names for part in n.split(".")}, path.name
 
 
 @pytest.mark.parametrize("shape", [(3072, 3072), (1024, 3072), (96, 64), (7, 5)])
@@ -266,15 +338,15 @@ def test_shard_writer_writes_and_hashes_the_planned_file(tmp_path, monkeypatch, 
     import hashlib
     import os
 
-    from adapterhub import safetensors_io
+    from adapterhub import tensor_writers
 
     if not kernel_copy:  # as where os.copy_file_range is missing (macOS): large reads and writes instead
         monkeypatch.delattr(os, "copy_file_range", raising=False)
-    monkeypatch.setattr(safetensors_io, "COPY_BLOCK", 64 << 10)  # many blocks, so block edges are crossed
+    monkeypatch.setattr(tensor_writers, "COPY_BLOCK", 64 << 10)  # many blocks, so block edges are crossed
     source, parts, puts, expected = _writer_parts(tmp_path)
     seen = []
-    writer = safetensors_io.ShardWriter(tmp_path / "out.bin", b"HEADER", parts, source,
-                                        safetensors_io.ByteBudget(1 << 20), progress=seen.append)
+    writer = tensor_writers.ShardWriter(tmp_path / "out.bin", b"HEADER", parts, source,
+                                        tensor_writers.ByteBudget(1 << 20), progress=seen.append)
     for data in puts:
         writer.put(data)
     assert writer.close() == (hashlib.sha256(expected).hexdigest(), len(expected))
@@ -282,7 +354,7 @@ def test_shard_writer_writes_and_hashes_the_planned_file(tmp_path, monkeypatch, 
 
 
 def test_shard_writer_refuses_short_handovers_and_aborts_cleanly(tmp_path):
-    from adapterhub.safetensors_io import ShardWriter
+    from adapterhub.tensor_writers import ShardWriter
 
     source, parts, puts, _ = _writer_parts(tmp_path)
     writer = ShardWriter(tmp_path / "out.bin", b"HEADER", parts, source)
@@ -301,7 +373,7 @@ def test_shard_writer_refuses_short_handovers_and_aborts_cleanly(tmp_path):
 
 def test_shard_writer_refuses_a_truncated_source(tmp_path):
     from adapterhub.errors import InvalidAdapterError
-    from adapterhub.safetensors_io import ShardWriter
+    from adapterhub.tensor_writers import ShardWriter
 
     source, parts, puts, _ = _writer_parts(tmp_path)
     source.write_bytes(source.read_bytes()[:2_000_000])
@@ -317,7 +389,7 @@ def test_byte_budget_bounds_what_is_in_flight():
     import threading
     import time
 
-    from adapterhub.safetensors_io import ByteBudget
+    from adapterhub.tensor_writers import ByteBudget
 
     budget = ByteBudget(100)
     budget.acquire(500)  # larger than the budget: it passes alone, so it is never stuck...
@@ -327,6 +399,18 @@ def test_byte_budget_bounds_what_is_in_flight():
     assert not got.is_set()  # ...and it holds the others back until it is written
     budget.release(500)
     assert got.wait(1)
+
+
+def test_a_profile_nobody_asked_for_keeps_only_the_wall_time():
+    from adapterhub.tensor_writers import Profile, format_profile
+
+    quiet = Profile(activities=False)
+    with quiet.timing("writing"):
+        quiet.add("hashing", 1.0)
+    assert set(quiet.to_dict()) == {"wall"}
+    timed = Profile()
+    timed.add("hashing", 1.25)
+    assert timed.to_dict()["hashing"] == 1.25 and "hashing 1.25" in format_profile(timed.to_dict())
 
 
 def test_extract_refuses_a_bad_name_before_reading_the_models(cli, registry, tmp_path, tiny_model, lora_adapter, monkeypatch):

@@ -10,42 +10,45 @@ base bit for bit.
 
 Every output file's layout is fixed before the first byte is written, so the
 work splits across threads: this thread reads and computes one module at a
-time; each output file has a writer (safetensors_io.ShardWriter) that copies
+time; each output file has a writer (tensor_writers.ShardWriter) that copies
 the untouched ranges in the kernel and hashes and writes everything in order;
 restore data is encoded and written on a worker thread. A byte budget bounds
-what is computed and not yet written. `ADAPTERHUB_PROFILE=1` prints where the
-seconds went, and the returned record's `profile` holds them.
+what is computed and not yet written. With `profile=True` the returned record's
+`profile` says where the seconds went.
+
+The model card is the caller's: fuse is an operation, cards are presentation
+(a layer above it), so the CLI hands its card writer in.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
+from typing import Callable
 
 from .. import naming
-from ..card import fused_card
 from ..errors import ConflictError, IncompatibleError, InvalidAdapterError
 from ..files import atomic_write, read_json, require_new_folder, write_json
 from ..fingerprint import config_essentials, model_sha256, weight_files
 from ..records import RECORD_FILE, now
-from ..safetensors_io import (DTYPE_SIZES, ByteBudget, Profile, ShardWriter, build_header, format_profile,
-                              has_non_finite, header_bytes, read_header, safetensors_dtype, tensor_bits, tensor_bytes)
+from ..safetensors_io import (DTYPE_SIZES, build_header, has_non_finite, header_bytes, read_header, safetensors_dtype,
+                              tensor_bits, tensor_bytes)
 from ..schemas import validate
+from ..tensor_writers import ByteBudget, Profile, ShardWriter
 from . import restore as restore_data
 from .fusion import deltas_for, fuse_module, group_members, module_updates, naive_base, quantization_for
 
 INDEX_FILE = "model.safetensors.index.json"
-PROFILE_ENV = "ADAPTERHUB_PROFILE"
 REWRITTEN_FILES = ("README.md", "config.json", INDEX_FILE)  # fuse may write its own: restore data keeps the base's
 # Computed tensors handed to the writers and not yet written: enough to keep every writer busy,
 # small against the model (a tensor larger than this still passes, alone).
 IN_FLIGHT_BYTES = 512 << 20
+# (registry, fused model record, the folder it will be in) -> README.md text, e.g. adapterhub.card.fused_card.
+CardWriter = Callable[[object, dict, Path], str]
 
 
 @dataclass(frozen=True)
@@ -83,10 +86,9 @@ def ancestors(registry, version) -> dict[str, str]:
         if parent["sha256"] in found:
             continue
         found[parent["sha256"]] = parent["ref"]
-        try:
-            todo += registry.resolve(parent["ref"]).record["parents"]
-        except Exception:  # noqa: BLE001 - a removed ancestor ends the walk, it does not fail it
-            pass
+        known = registry.find(parent["ref"])
+        if known is not None:  # a removed ancestor ends the walk, it does not fail it
+            todo += known.record["parents"]
     return found
 
 
@@ -116,8 +118,9 @@ def plan_fuse(registry, refs: list[str], base: str, out: Path, dequantize: bool 
     versions = [registry.resolve(r) for r in refs]
     refuse_related(registry, versions, "fusing them")
     # Planning writes nothing: an unregistered base is only fingerprinted here, and registered by execute_fuse.
-    fingerprint, registered = registry.resolve_base(base)
-    base_path = Path(base).expanduser() if Path(base).expanduser().is_dir() else Path(registered["path"])
+    resolved = registry.resolve_base(base)
+    fingerprint, base_path = resolved.fingerprint, resolved.path
+    registered = resolved.record.record if resolved.record else None
     out = Path(out)
     # Checked at plan time, so --dry-run refuses what the real run would.
     require_new_folder(out, (base_path, registry.root), force)
@@ -226,21 +229,25 @@ def _layout(header, entries: list[tuple[str, str, tuple, str | None]]) -> tuple[
     return raw, parts, computed
 
 
-def execute_fuse(plan: FusePlan, registry, progress=None, force: bool | None = None) -> dict:
-    """Write the fused model into `plan.out` and register it; returns its record, with `seconds` and `profile`.
-
-    `force` (default: the plan's) replaces an existing `plan.out`. The model is written into a
-    journalled staging folder and renamed into place only when every tensor is written and finite.
+def execute_fuse(plan: FusePlan, registry, progress=None, force: bool | None = None, card: CardWriter | None = None,
+                 profile: bool = False) -> dict:
+    """Write the fused model into `plan.out` and register it; returns its record, with `seconds`.
 
     A pipeline: this thread reads and computes the targeted tensors, module by module, on
     MLX's default device; one writer thread per output file copies the untouched ranges in
     the kernel and hashes and writes everything, in order; restore data is encoded on a
     worker thread. A byte budget bounds what is computed and not yet written.
-    `ADAPTERHUB_PROFILE=1` prints where the seconds went; the record's `profile` holds them.
+
+    Args:
+        force: replace an existing `plan.out` (default: the plan's). The model is written into a
+            journalled staging folder and renamed into place only when every tensor is written and finite.
+        card: writes the fused folder's README.md from its record (the CLI passes
+            adapterhub.card.fused_card); None writes no README.md.
+        profile: also time each activity (reading, computing, writing, ...), returned under `profile`.
     """
     import mlx.core as mx
 
-    profile = Profile()
+    timings = Profile(activities=profile)
     force = plan.force if force is None else force
     inputs = (plan.base_path,)
     # Again here, before anything is written: the folder may have appeared since the plan.
@@ -283,7 +290,7 @@ def execute_fuse(plan: FusePlan, registry, progress=None, force: bool | None = N
         announced = [f"header/{p.name}" for p in files] + [f"file/{n}" for n in REWRITTEN_FILES]
         announced += [f"{kind}/{key}" for m in modules.values()
                       for kind, keys in (("residual", m.members), ("extra", m.extras)) for key in keys]
-        restore = _RestoreParts(restore_data.RestoreWriter(registry.objects, announced), profile)
+        restore = _RestoreParts(restore_data.RestoreWriter(registry.objects, announced), timings)
     budget = ByteBudget(IN_FLIGHT_BYTES)
     # MLX's buffer cache is capped so freed tensors do not pile up: memory stays near a few
     # modules and the bytes in flight, whatever the model's size.
@@ -297,12 +304,12 @@ def execute_fuse(plan: FusePlan, registry, progress=None, force: bool | None = N
             writers = []
             try:
                 for path, (raw, parts, _) in zip(files, layouts):
-                    writers.append(ShardWriter(staging / path.name, raw, parts, path, budget, profile, progress))
+                    writers.append(ShardWriter(staging / path.name, raw, parts, path, budget, timings, progress))
                 for writer, (_, _, computed) in zip(writers, layouts):
                     for name, module in computed:
                         m = modules[module]
                         if not m.evaluated:
-                            _evaluate(m, lazy, plan, restore, profile)
+                            _evaluate(m, lazy, plan, restore, timings)
                         writer.put(tensor_bits(m.fused.pop(name)))
                         if not m.fused:
                             # Handed over in full: drop it and its base tensors (an evaluated lazy array
@@ -335,8 +342,9 @@ def execute_fuse(plan: FusePlan, registry, progress=None, force: bool | None = N
             }
             validate(record, "fused_model", what="fused model record")
             write_json(staging / RECORD_FILE, record)
-            with atomic_write(staging / "README.md", "w") as f:
-                f.write(fused_card(registry, record, plan.out))
+            if card:
+                with atomic_write(staging / "README.md", "w") as f:
+                    f.write(card(registry, record, plan.out))
     except BaseException:
         if restore:
             restore.abort()
@@ -344,15 +352,13 @@ def execute_fuse(plan: FusePlan, registry, progress=None, force: bool | None = N
     finally:
         mx.set_cache_limit(previous_cache_limit)
     registry.register_fused(record)
-    return _with_profile(record, profile)
+    return _with_profile(record, timings)
 
 
-def _with_profile(report: dict, profile: Profile) -> dict:
-    """The report plus `seconds` and `profile` (kept out of the stored record), printed under ADAPTERHUB_PROFILE=1."""
-    times = profile.to_dict()
-    if os.environ.get(PROFILE_ENV, "") not in ("", "0"):
-        print(format_profile(times), file=sys.stderr)
-    return {**report, "seconds": times["wall"], "profile": times}
+def _with_profile(report: dict, timings: Profile) -> dict:
+    """The report plus `seconds`, and `profile` when activities were timed: both kept out of the stored record."""
+    times = timings.to_dict()
+    return {**report, "seconds": times["wall"], **({"profile": times} if timings.activities else {})}
 
 
 def _evaluate(m: _Module, lazy: dict, plan: FusePlan, restore: _RestoreParts | None, profile: Profile) -> None:

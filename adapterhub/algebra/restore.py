@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from ..files import temp_path_for
-from ..safetensors_io import Profile, build_header, read_bits, read_header, sha256_file, writeback
+from ..safetensors_io import build_header, read_bits, read_header, sha256_file
+from ..tensor_writers import Profile, writeback
 
 FORMAT = "adapterhub-restore-2"
 _SENTINEL = -128  # marks an exception: its exact bits follow the bytes
@@ -124,7 +125,7 @@ class RestoreWriter:
 
     def finish(self, profile: Profile | None = None) -> dict:
         """Write the header, hash and sync the file; returns {sha256, size}. `keep` then stores it."""
-        profile = profile or Profile()
+        profile = profile or Profile(activities=False)
         with profile.timing("writing"):
             self._file.seek(0)
             self._file.write(build_header([(name, "U8", (size,)) for name, size in self._parts],

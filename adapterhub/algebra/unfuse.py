@@ -13,9 +13,7 @@ and compared with the base on a worker thread, a few tensors behind.
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,11 +26,12 @@ from ..errors import InvalidAdapterError, NotFoundError
 from ..files import read_json, require_new_folder
 from ..fingerprint import config_essentials, model_sha256, weight_files
 from ..records import RECORD_FILE
-from ..safetensors_io import (DTYPE_SIZES, FLOAT_DTYPES, ByteBudget, Profile, ShardWriter, build_header, format_profile,
-                              parse_header, read_bits, read_header, safetensors_dtype, tensor_bits)
+from ..safetensors_io import (DTYPE_SIZES, FLOAT_DTYPES, MLX_DTYPES, build_header, parse_header, read_bits, read_header,
+                              safetensors_dtype, tensor_bits)
 from ..schemas import validate
+from ..tensor_writers import ByteBudget, Profile, ShardWriter
 from . import restore as restore_data
-from .fuse import IN_FLIGHT_BYTES, INDEX_FILE, PROFILE_ENV
+from .fuse import IN_FLIGHT_BYTES, INDEX_FILE
 from .fusion import deltas_for, group_members, module_updates, naive_base, quantization_for
 
 
@@ -45,17 +44,18 @@ class UnfuseReport:
     inexact_fraction: float | None = None
     max_abs_error: float | None = None
     notes: list[str] = field(default_factory=list)
-    profile: dict | None = None  # seconds per activity (see safetensors_io.Profile)
+    profile: dict | None = None  # seconds per activity (see tensor_writers.Profile), when asked for
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
+        return {k: v for k, v in self.__dict__.items() if k != "profile" or v is not None}
 
 
 def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None = None, base: str | None = None,
-           progress=None, force: bool = False) -> UnfuseReport:
-    """Rebuild the base model of `fused_dir` into `out` (replacing an existing `out` only with `force`)."""
+           progress=None, force: bool = False, profile: bool = False) -> UnfuseReport:
+    """Rebuild the base model of `fused_dir` into `out` (replacing an existing `out` only with `force`).
+
+    `profile`: also time each activity (reading, computing, writing, ...), reported under `profile`.
+    """
     import mlx.core as mx
 
     fused_dir, out = Path(fused_dir), Path(out)
@@ -85,7 +85,7 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
         restore = restore_data.read(registry.objects.verified(record["restore"]["sha256"], "restore data"))
     dequantized = bool(record and record.get("dequantized"))
 
-    profile = Profile()
+    timings = Profile(activities=profile)
     fused_files = weight_files(fused_dir)
     fused_headers = {p.name: read_header(p) for p in fused_files}
     lazy = {}
@@ -133,20 +133,20 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
             worker, pending = ThreadPoolExecutor(max_workers=1), deque()
             try:
                 for (fname, raw, parts, source, _) in layouts:
-                    writers.append(ShardWriter(staging / fname, raw, parts, source, budget, profile, progress))
+                    writers.append(ShardWriter(staging / fname, raw, parts, source, budget, timings, progress))
                 for writer, (_, _, _, _, tensors) in zip(writers, layouts):
                     for name, module in tensors:
                         if module is None:  # an unchanged tensor kept in another file than its base file's namesake
                             pending.append((writer, worker.submit(read_bits, where[name], name)))
                         else:
-                            with profile.timing("computing"):
+                            with timings.timing("computing"):
                                 mx.eval(list(computed[module].values()))  # a module's outputs share their inputs
                                 naive = computed[module].pop(name)
                             residual = restore.get(f"residual/{name}") if restore else None
                             if restore and residual is None:
                                 raise InvalidAdapterError(f"restore data has no entry for {name}",
                                                           hint="the restore data is damaged; run 'adapterhub verify'")
-                            pending.append((writer, worker.submit(_rebuilt, profile, comparison, name, tensor_bits(naive),
+                            pending.append((writer, worker.submit(_rebuilt, timings, comparison, name, tensor_bits(naive),
                                                                   safetensors_dtype(naive), residual)))
                             if not computed[module]:
                                 del computed[module]  # done: drop it and the fused tensors it was read from
@@ -174,9 +174,8 @@ def unfuse(registry, fused_dir: Path, out: Path, adapter_refs: list[str] | None 
         mx.set_cache_limit(previous_cache_limit)
     rebuilt = [name for *_, tensors in layouts for name, module in tensors if module is not None]
     report = comparison.report(out, sha, bool(restore), rebuilt)
-    report.profile = profile.to_dict()
-    if os.environ.get(PROFILE_ENV, "") not in ("", "0"):
-        print(format_profile(report.profile), file=sys.stderr)
+    if profile:
+        report.profile = timings.to_dict()
     return report
 
 
@@ -242,8 +241,6 @@ def _compared_base_folder(registry, record: dict | None, base: str | None) -> tu
 
 
 def _mlx_dtype(safetensors_dtype_name: str) -> str:
-    from ..safetensors_io import MLX_DTYPES
-
     return MLX_DTYPES[safetensors_dtype_name]
 
 
@@ -284,9 +281,10 @@ class _Comparison:
         self.base_record = None
         self._register = None  # a base folder not registered yet: registered once the result is written
         if base and Path(base).expanduser().is_dir():
-            fingerprint, self.base_record = registry.resolve_base(base)
+            resolved = registry.resolve_base(base)
+            self.base_record = resolved.record.record if resolved.record else None
             if self.base_record is None:
-                self.base_record, self._register = fingerprint, base
+                self.base_record, self._register = resolved.fingerprint, base
         elif base:
             self.base_record = registry.base(base)
         elif record:

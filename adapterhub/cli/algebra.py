@@ -9,6 +9,20 @@ import click
 from ..errors import AdapterHubError
 from .context import COUNT, FORCE_OPTION, Context, FiniteFloat, parse_tags, pass_ctx
 
+PROFILE_ENV = "ADAPTERHUB_PROFILE"
+# The variable as well as the flag: a benchmark drives the real command line and reads the line from stderr.
+PROFILE_OPTION = click.option("--profile", is_flag=True, envvar=PROFILE_ENV,
+                              help=f"Time each activity (reading, computing, writing, ...) and print it on stderr "
+                                   f"(also with {PROFILE_ENV}=1); --json reports it under 'profile'.")
+
+
+def _show_profile(ctx: Context, profile: dict | None) -> None:
+    """On stderr, so it never mixes with --json on stdout."""
+    if profile and not ctx.quiet:
+        from ..tensor_writers import format_profile
+
+        click.echo(format_profile(profile), err=True)
+
 
 def _floats(text: str | None) -> list[float] | None:
     if not text:
@@ -28,11 +42,13 @@ def _floats(text: str | None) -> list[float] | None:
 @click.option("--allow-different-weights", is_flag=True, help="Accept a base with other weights of the same structure.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @FORCE_OPTION
+@PROFILE_OPTION
 @pass_ctx
 def fuse(ctx: Context, refs: tuple[str, ...], base_: str, out: Path, dequantize: bool, no_restore: bool,
-         allow_different_weights: bool, dry_run: bool, force: bool) -> None:
+         allow_different_weights: bool, dry_run: bool, force: bool, profile: bool) -> None:
     """Bake adapters into a base model (streamed; bit-identical to mlx_lm.fuse)."""
     from ..algebra.fuse import execute_fuse, plan_fuse
+    from ..card import fused_card
 
     plan = plan_fuse(ctx.registry, list(refs), base_, out, dequantize, not no_restore, allow_different_weights, force=force)
     if dry_run:
@@ -40,11 +56,12 @@ def fuse(ctx: Context, refs: tuple[str, ...], base_: str, out: Path, dequantize:
         return
     total = sum(f["size"] for f in plan.base["files"])
     with ctx.progress(f"fusing into {out.name}", total) as advance:
-        record = execute_fuse(plan, ctx.registry, advance)
+        record = execute_fuse(plan, ctx.registry, advance, card=fused_card, profile=profile)
+    _show_profile(ctx, record.get("profile"))
     restore = record["restore"]
     size = sum(f["size"] for f in record["files"])
     ctx.emit(record, "\n".join([
-        f"fused {', '.join(a['ref'] for a in record['adapters'])} into {plan.base['name']} -> {out}  ({record['seconds']:.2f} s)",
+        f"fused {', '.join(a['ref'] for a in record['adapters'])} into {record['base']['name']} -> {out}  ({record['seconds']:.2f} s)",
         f"  sha256  {record['sha256']}",
         f"  restore {restore['size']:,} bytes ({100 * restore['size'] / size:.2f} % of the model), unfuse is exact"
         if restore else "  restore none: unfuse will be approximate",
@@ -58,14 +75,18 @@ def fuse(ctx: Context, refs: tuple[str, ...], base_: str, out: Path, dequantize:
               help="Adapters that were fused (for a model fused elsewhere; subtracts them, approximately).")
 @click.option("--base", "base_", help="Base to measure the result against (default: the one recorded).")
 @FORCE_OPTION
+@PROFILE_OPTION
 @pass_ctx
-def unfuse(ctx: Context, fused_dir: Path, out: Path, adapters: tuple[str, ...], base_: str | None, force: bool) -> None:
+def unfuse(ctx: Context, fused_dir: Path, out: Path, adapters: tuple[str, ...], base_: str | None, force: bool,
+           profile: bool) -> None:
     """The base model back from a fused one: exact with restore data, measured without."""
     from ..algebra.unfuse import unfuse as run_unfuse
 
     total = sum(p.stat().st_size for p in fused_dir.glob("*.safetensors"))
     with ctx.progress(f"unfusing into {out.name}", total) as advance:
-        report = run_unfuse(ctx.registry, fused_dir, out, list(adapters) or None, base_, advance, force=force)
+        report = run_unfuse(ctx.registry, fused_dir, out, list(adapters) or None, base_, advance, force=force,
+                            profile=profile)
+    _show_profile(ctx, report.profile)
     if report.exact:
         verdict = f"exact: the base is back, bit for bit (matches {report.base})"
     elif report.exact is None:

@@ -16,9 +16,9 @@ from math import sqrt
 from pathlib import Path
 
 from ..errors import IncompatibleError, InvalidAdapterError, NotFoundError
-from ..safetensors_io import (FLOAT_DTYPES, MLX_LOADABLE, StreamingWriter, build_header, quote_name, read_bits,
-                              read_header, refuse_pickle)
+from ..safetensors_io import FLOAT_DTYPES, MLX_LOADABLE, build_header, quote_name, read_bits, read_header, refuse_pickle
 from ..store import read_json, write_json
+from ..tensor_writers import StreamingWriter
 from .mlx import is_real, shown
 
 CONFIG_FILE = "adapter_config.json"
