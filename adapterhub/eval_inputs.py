@@ -47,7 +47,7 @@ def base_target(registry, base: str | Path) -> Target:
     return Target("base", name, resolved.sha256, {"name": name, "sha256": resolved.sha256}, resolved.path)
 
 
-def adapter_target(registry, ref: str, base: str | Path | None) -> Target:
+def adapter_target(registry, ref: str, base: str | Path | None, allow_different_weights: bool = False) -> Target:
     version = registry.resolve(ref)
     if base is None:
         recorded = version.record.get("base")
@@ -58,7 +58,7 @@ def adapter_target(registry, ref: str, base: str | Path | None) -> Target:
             raise NotFoundError(f"{version.ref}'s base {recorded['name']} ({recorded['sha256'][:12]}) is not registered here",
                                 hint="pass --base PATH|NAME", kind="base", key=recorded["sha256"])
         base = known["path"]
-    report = registry.check(version.ref, base)
+    report = registry.check(version.ref, base, allow_different_weights)
     if not report.compatible:
         raise IncompatibleError(f"{version.ref} is not compatible with {base}: {report.problems[0]}",
                                 hint=f"run 'adapterhub check {version.ref} --base {base}'", report=report)

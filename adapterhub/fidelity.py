@@ -92,7 +92,7 @@ def _greedy(model, tokens: list[int], count: int) -> list[int]:
 
 
 def fidelity(registry, fused_dir: str | Path, ref: str, prompts: list[str] | None = None, base: str | Path | None = None,
-             max_tokens: int = FIDELITY_TOKENS) -> dict:
+             max_tokens: int = FIDELITY_TOKENS, allow_different_weights: bool = False) -> dict:
     """How closely the model folder `fused_dir` reproduces base + `ref`: on each prompt and `max_tokens` greedy
     tokens of base + adapter after it, the largest logit difference and how often the two argmaxes agree.
 
@@ -103,6 +103,7 @@ def fidelity(registry, fused_dir: str | Path, ref: str, prompts: list[str] | Non
         prompts: texts to continue; default: a few from the version's dataset, or built-in text.
         base: the model the adapter is applied to; default: the base `fused_dir`'s adapterhub.json names (when
             registered here), else the version's own.
+        allow_different_weights: apply the adapter to a base of its structure with other weights (as fuse was told).
 
     Returns:
         {"fused", "against", "against_sha256", "base", "prompts", "positions", "max_logit_diff",
@@ -123,7 +124,7 @@ def fidelity(registry, fused_dir: str | Path, ref: str, prompts: list[str] | Non
         raise IncompatibleError(f"{version.ref} is a LoReFT adapter: it edits hidden states and is never fused, so no "
                                 "fused model can stand for it", hint="compare a LoRA or DoRA version")
     base_path = _fidelity_base(registry, folder, version, base)
-    reference = adapter_target(registry, version.ref, str(base_path))
+    reference = adapter_target(registry, version.ref, str(base_path), allow_different_weights)
     prompts = list(prompts) if prompts else default_prompts(registry, version)
     model, tokenizer = load_target(registry, reference)
     sequences, expected = [], []

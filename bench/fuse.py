@@ -241,7 +241,7 @@ def bench_model(name: str, work: Path, env: dict, cli: list[str], python: str, r
             command = {
                 "cp -r": ["cp", "-r", str(model), str(out)],
                 "cp -r + sync": ["sh", "-c", f"cp -r '{model}' '{out}' && sync"],
-                "adapterhub fuse": [*cli, "fuse", f"{name}-lora", "--base", str(model), "--out", str(out)],
+                "adapterhub fuse": [*cli, "fuse", f"{name}-lora", "--base", str(model), "--out", str(out), "--no-fidelity"],
                 "mlx_lm fuse": [python, "-m", "mlx_lm", "fuse", "--model", str(model), "--adapter-path", str(adapter),
                                 "--save-path", str(out)],
             }[tool]

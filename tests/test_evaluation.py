@@ -170,8 +170,21 @@ def test_list_sorts_by_a_recorded_score_best_first(cli, populated, lora_adapter,
 def test_fidelity_of_a_float_fuse_is_exact_and_a_4bit_fuse_is_not(cli, registry, tiny_model_4bit, tmp_path):
     adapter = write_adapter(tiny_model_4bit, tmp_path / "qlora", seed=5)
     assert cli("import", adapter, "--name", "qlora", "--base", tiny_model_4bit)[0] == 0
+    measured = {}
     for out, flags in (("fused-4bit", ()), ("fused-float", ("--dequantize",))):
-        assert cli("fuse", "qlora", "--base", tiny_model_4bit, "--out", tmp_path / out, *flags)[0] == 0
+        code, text, err = cli("fuse", "qlora", "--base", tiny_model_4bit, "--out", tmp_path / out, *flags)
+        assert code == 0, err
+        record = json.loads((tmp_path / out / "adapterhub.json").read_text())
+        measured[out] = record["fidelity"]
+        assert registry.fused(record["sha256"])["fidelity"] == measured[out]  # on the fused model's record
+        assert "fidelity greedy tokens agree at" in text
+        # The warning naming --dequantize: exactly when re-quantizing moved more than 1 % of greedy tokens.
+        assert ("--dequantize" in text) == (not flags and 1 - measured[out]["token_agreement"] > 0.01)
+    assert measured["fused-float"]["exact"] is True and measured["fused-float"]["token_agreement"] == 1.0
+    assert measured["fused-4bit"]["exact"] is False and measured["fused-4bit"]["max_logit_diff"] > 1e-2
+    code, out, err = cli("--json", "fuse", "qlora", "--base", tiny_model_4bit, "--out", tmp_path / "unchecked",
+                         "--no-fidelity")
+    assert code == 0 and json.loads(out)["fidelity"] is None, err
     prompts = ["the cat sees", "what colour is the sky ?"]
     exact = fidelity(registry, tmp_path / "fused-float", "qlora", prompts)
     assert exact["exact"] is True and exact["token_agreement"] == 1.0 and exact["prompts"] == 2

@@ -49,6 +49,11 @@ REWRITTEN_FILES = ("README.md", "config.json", INDEX_FILE)  # fuse may write its
 IN_FLIGHT_BYTES = 512 << 20
 # (registry, fused model record, the folder it will be in) -> README.md text, e.g. adapterhub.card.fused_card.
 CardWriter = Callable[[object, dict, Path], str]
+# (registry, the written folder, the one adapter fused, base=the base folder) -> a fidelity report, e.g.
+# adapterhub.fidelity.fidelity: measured on the staging folder, before the model is moved into place.
+FidelityCheck = Callable[..., dict]
+FIDELITY_FIELDS = ("prompts", "positions", "max_logit_diff", "mean_logit_diff", "token_agreement",
+                   "same_continuations", "exact")
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class FusePlan:
     modules: dict[str, list[str]] = field(default_factory=dict)  # base module -> adapter refs
     force: bool = False  # replace an existing `out` (never one inside the registry or the base)
     notes: list[str] = field(default_factory=list)
+    allow_different_weights: bool = False  # the base was accepted with other weights than the adapters' own
 
     def to_dict(self) -> dict:
         return {"base": self.base["name"], "base_sha256": self.base["sha256"], "base_path": str(self.base_path),
@@ -137,7 +143,8 @@ def plan_fuse(registry, refs: list[str], base: str, out: Path, dequantize: bool 
         notes.append("quantized base: the fused model stays quantized; unfuse restores the base exactly from restore data")
     if quant and not keep_restore:
         notes.append("quantized base without restore data: unfuse can only re-quantize an approximation")
-    return FusePlan(base_record, base_path, versions, out, dequantize, keep_restore, notes=notes, force=force)
+    return FusePlan(base_record, base_path, versions, out, dequantize, keep_restore, notes=notes, force=force,
+                    allow_different_weights=allow_different_weights)
 
 
 @dataclass
@@ -230,7 +237,7 @@ def _layout(header, entries: list[tuple[str, str, tuple, str | None]]) -> tuple[
 
 
 def execute_fuse(plan: FusePlan, registry, progress=None, force: bool | None = None, card: CardWriter | None = None,
-                 profile: bool = False) -> dict:
+                 profile: bool = False, fidelity: FidelityCheck | None = None) -> dict:
     """Write the fused model into `plan.out` and register it; returns its record, with `seconds`.
 
     A pipeline: this thread reads and computes the targeted tensors, module by module, on
@@ -244,6 +251,9 @@ def execute_fuse(plan: FusePlan, registry, progress=None, force: bool | None = N
         card: writes the fused folder's README.md from its record (the CLI passes
             adapterhub.card.fused_card); None writes no README.md.
         profile: also time each activity (reading, computing, writing, ...), returned under `profile`.
+        fidelity: compares the written model with base + adapter on a few prompts (the CLI passes
+            adapterhub.fidelity.fidelity), recorded under `fidelity`; one adapter only: several fused
+            together have no single reference to load. None records none.
     """
     import mlx.core as mx
 
@@ -329,6 +339,11 @@ def execute_fuse(plan: FusePlan, registry, progress=None, force: bool | None = N
                 raise
             if restore:
                 restore.writer.keep()
+            measured = None
+            if fidelity and len(plan.adapters) == 1:
+                report = fidelity(registry, staging, plan.adapters[0].ref, base=plan.base_path,
+                                  allow_different_weights=plan.allow_different_weights)
+                measured = {k: report[k] for k in FIDELITY_FIELDS}
             # Registered only now, with the fused model: a refused fuse leaves the registry as it was.
             base = registry.add_base(plan.base_path)[0]
             record = {
@@ -338,7 +353,7 @@ def execute_fuse(plan: FusePlan, registry, progress=None, force: bool | None = N
                 "base": {k: base[k] for k in ("name", "sha256", "structure_sha256", "model_type")},
                 "adapters": [{"ref": v.ref, "sha256": v.sha256} for v in plan.adapters],
                 "files": out_files, "dequantized": plan.dequantize, "restore": restore_record,
-                "created_at": now(),
+                "fidelity": measured, "created_at": now(),
             }
             validate(record, "fused_model", what="fused model record")
             write_json(staging / RECORD_FILE, record)

@@ -41,14 +41,17 @@ def _floats(text: str | None) -> list[float] | None:
 @click.option("--no-restore", is_flag=True, help="Keep no restore data (unfuse is then approximate).")
 @click.option("--allow-different-weights", is_flag=True, help="Accept a base with other weights of the same structure.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@click.option("--no-fidelity", is_flag=True,
+              help="Skip the check of the fused model against base + adapter on a few prompts (it loads both models).")
 @FORCE_OPTION
 @PROFILE_OPTION
 @pass_ctx
 def fuse(ctx: Context, refs: tuple[str, ...], base_: str, out: Path, dequantize: bool, no_restore: bool,
-         allow_different_weights: bool, dry_run: bool, force: bool, profile: bool) -> None:
-    """Bake adapters into a base model (streamed; bit-identical to mlx_lm.fuse)."""
+         allow_different_weights: bool, dry_run: bool, no_fidelity: bool, force: bool, profile: bool) -> None:
+    """Bake adapters into a base model (streamed; bit-identical to mlx_lm.fuse), then check it against base + adapter."""
     from ..algebra.fuse import execute_fuse, plan_fuse
     from ..card import fused_card
+    from ..fidelity import fidelity
 
     plan = plan_fuse(ctx.registry, list(refs), base_, out, dequantize, not no_restore, allow_different_weights, force=force)
     if dry_run:
@@ -56,7 +59,8 @@ def fuse(ctx: Context, refs: tuple[str, ...], base_: str, out: Path, dequantize:
         return
     total = sum(f["size"] for f in plan.base["files"])
     with ctx.progress(f"fusing into {out.name}", total) as advance:
-        record = execute_fuse(plan, ctx.registry, advance, card=fused_card, profile=profile)
+        record = execute_fuse(plan, ctx.registry, advance, card=fused_card, profile=profile,
+                              fidelity=None if no_fidelity else fidelity)
     _show_profile(ctx, record.get("profile"))
     restore = record["restore"]
     size = sum(f["size"] for f in record["files"])
@@ -65,7 +69,22 @@ def fuse(ctx: Context, refs: tuple[str, ...], base_: str, out: Path, dequantize:
         f"  sha256  {record['sha256']}",
         f"  restore {restore['size']:,} bytes ({100 * restore['size'] / size:.2f} % of the model), unfuse is exact"
         if restore else "  restore none: unfuse will be approximate",
-    ] + [f"  · {n}" for n in plan.notes]))
+    ] + _fidelity_lines(record, plan) + [f"  · {n}" for n in plan.notes]))
+
+
+def _fidelity_lines(record: dict, plan) -> list[str]:
+    from ..eval_settings import DEFAULT_TOLERANCE
+
+    measured = record.get("fidelity")
+    if not measured:
+        return []
+    lines = [f"  fidelity greedy tokens agree at {100 * measured['token_agreement']:.1f} % of {measured['positions']} "
+             f"positions on {measured['prompts']} prompts, largest logit difference {measured['max_logit_diff']:.3g}"
+             + (" — exact" if measured["exact"] else "")]
+    if 1 - measured["token_agreement"] > DEFAULT_TOLERANCE and plan.base["config"].get("quantization") and not plan.dequantize:
+        lines.append(f"  warning  re-quantizing the fused weights moved {100 * (1 - measured['token_agreement']):.1f} % of "
+                     "greedy tokens away from base + adapter; fuse with --dequantize to keep the adapter's accuracy")
+    return lines
 
 
 @click.command()
