@@ -12,12 +12,14 @@ W + scale·BA, so the same numbers mean the same model.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from math import sqrt
 from pathlib import Path
 
 from ..errors import IncompatibleError, InvalidAdapterError, NotFoundError
-from ..safetensors_io import FLOAT_DTYPES, MLX_LOADABLE, build_header, quote_name, read_bits, read_header, refuse_pickle
-from ..store import read_json, write_json
+from ..files import read_json, write_json
+from ..safetensors_io import (FLOAT_DTYPES, MLX_DTYPES, MLX_LOADABLE, build_header, quote_name, read_bits, read_header,
+                              refuse_pickle)
 from ..tensor_writers import StreamingWriter
 from .mlx import is_real, shown
 
@@ -93,9 +95,21 @@ def scale_of(config: dict) -> float:
     return config["lora_alpha"] / (sqrt(r) if config.get("use_rslora") else r)
 
 
-def to_mlx(folder: Path, out: Path) -> dict:
-    """Write `out/adapters.safetensors` + `adapter_config.json` from a PEFT folder; returns the PEFT config."""
-    folder, out = Path(folder), Path(out)
+@dataclass(frozen=True)
+class Converted:
+    """A PEFT folder in mlx-lm's terms, in memory: tensors under mlx-lm's names, its adapter_config.json, and the
+    PEFT config it came from."""
+
+    tensors: dict
+    config: dict
+    peft_config: dict
+
+
+def to_mlx(folder: Path) -> Converted:
+    """A PEFT folder's tensors and config as mlx-lm holds them; the transposes are of raw bits, so exact."""
+    import mlx.core as mx
+
+    folder = Path(folder)
     config = read_config(folder)
     header = read_header(folder / WEIGHTS_FILE)
     entries, sources, targets = [], {}, set()
@@ -122,21 +136,19 @@ def to_mlx(folder: Path, out: Path) -> dict:
     ranks = {shape[1] for name, _, shape in entries if name.endswith(".lora_a")}
     if ranks != {config["r"]}:
         raise _refuse(folder, f"says r={config['r']} but its lora_A tensors have rank(s) {sorted(ranks)}")
-    entries.sort()
-    with StreamingWriter(out / "adapters.safetensors", build_header(entries, {"format": "mlx"})) as writer:
-        for name, _, _ in entries:
-            bits = read_bits(header, sources[name])
-            writer.write((bits if name.endswith(".m") else bits.T).copy(order="C").tobytes())
-        writer.close()
-    write_json(out / "adapter_config.json", {
+    tensors = {}
+    for name, dtype, _ in sorted(entries):
+        bits = read_bits(header, sources[name])
+        tensors[name] = mx.array((bits if name.endswith(".m") else bits.T).copy(order="C")).view(
+            getattr(mx, MLX_DTYPES[dtype]))
+    return Converted(tensors, {
         "fine_tune_type": "dora" if config.get("use_dora") else "lora",
         # Every layer: mlx-lm wraps the last num_layers layers, and PEFT may adapt any subset; a wrapped
         # layer without weights keeps lora_b = 0 and computes exactly what the base computes.
         "num_layers": -1,
         "lora_parameters": {"rank": config["r"], "scale": scale_of(config), "dropout": float(config.get("lora_dropout") or 0.0),
                             "keys": sorted(targets)},
-    })
-    return config
+    }, config)
 
 
 # A mixture-of-experts router in mlx-lm (mixtral's block_sparse_moe.gate, qwen2/3_moe's mlp.gate).
