@@ -13,7 +13,7 @@ from .eval_settings import METRICS, SPLITS
 from .fingerprint import fingerprint_dataset
 from .records import RECORD_FILE, AdapterVersion, EvalResult
 from .safetensors_io import sha256_file
-from .store import read_json
+from .files import read_json
 from .training.data import DataError, check_split, validate
 
 

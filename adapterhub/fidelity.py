@@ -15,7 +15,7 @@ from .eval_inputs import adapter_target
 from .eval_scoring import load_target
 from .eval_settings import AGAINST_PROMPTS, DEFAULT_TOLERANCE, FIDELITY_TOKENS, FUSE_PROMPTS
 from .records import RECORD_FILE, AdapterVersion
-from .store import read_json
+from .files import read_json
 from .training.data import DataError, check_split
 
 BUILTIN_PROMPTS = (

@@ -20,10 +20,7 @@ from tinydb.storages import Storage
 from tinydb.table import Document
 
 from .errors import AdapterHubError, ConflictError, CorruptRegistryError
-# Re-exported while callers move to files: the file helpers used to live here.
-from .files import (REGISTRY_MARKER, TMP_SUFFIX, _fsync_dir, atomic_write, check_output, dump_json,  # noqa: F401
-                    enclosing_registry, parse_json, read_json, require_new_folder, staged_folder, staging_path,
-                    temp_path_for, write_json, write_output_file, writer_pid)
+from .files import TMP_SUFFIX, _fsync_dir, atomic_write, dump_json, read_json, temp_path_for
 from .naming import is_sha256
 from .safetensors_io import Progress, copy_hashed, sha256_file
 
@@ -46,27 +43,54 @@ def lock_timeout_s() -> float:
     return value
 
 
-class AtomicJSONStorage(Storage):
-    """TinyDB storage that never creates a file on read and replaces it atomically on write.
+class DiskTables:
+    """Where catalogue files live: on disk, each read whole and replaced by an atomic rename.
+
+    The catalogue reaches its files only through these four calls, so its logic runs as well on
+    any other implementation (the unit tests keep them in a dict).
+    """
+
+    def read(self, path: Path) -> object:
+        """The file's JSON, None when there is no file."""
+        return read_json(path)
+
+    def write(self, path: Path, data: dict) -> None:
+        # json.dumps, not json.dump: only the one-shot path uses the C encoder.
+        text = dump_json(data, path, separators=(",", ":"))
+        with atomic_write(path, "w") as f:
+            f.write(text)
+
+    def remove(self, path: Path) -> None:
+        Path(path).unlink(missing_ok=True)
+
+    def stems(self, folder: Path) -> list[str]:
+        """The names (without .json) of the catalogue files in `folder`."""
+        if not Path(folder).is_dir():
+            return []
+        return sorted(e.name[:-5] for e in os.scandir(folder) if e.name.endswith(".json") and not e.name.startswith("."))
+
+
+DISK = DiskTables()
+
+
+class TableStorage(Storage):
+    """TinyDB storage over a catalogue file: never creates a file on read, replaces it whole on write.
 
     TinyDB's own JSONStorage rewrites the file in place, which a crash or a second
     process can leave truncated (tinydb issues #529, #537).
     """
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path, files: DiskTables = DISK):
+        self.path, self.files = Path(path), files
 
     def read(self):
-        data = read_json(self.path)
+        data = self.files.read(self.path)
         if data is not None:
             _check_tables(data, self.path)
         return data
 
     def write(self, data) -> None:
-        # json.dumps, not json.dump: only the one-shot path uses the C encoder.
-        text = dump_json(data, self.path, separators=(",", ":"))
-        with atomic_write(self.path, "w") as f:
-            f.write(text)
+        self.files.write(self.path, data)
 
     def close(self) -> None:
         pass
@@ -82,22 +106,22 @@ def _check_tables(data: object, path: Path) -> None:
                                    hint="restore it from a backup or remove it; then run 'adapterhub verify'")
 
 
-def open_db(path: Path) -> TinyDB:
-    return TinyDB(path, storage=AtomicJSONStorage)
+def open_db(path: Path, files: DiskTables = DISK) -> TinyDB:
+    return TinyDB(path, files, storage=TableStorage)
 
 
-def rewrite_tables(path: Path, change: Callable[[dict], None]) -> None:
+def rewrite_tables(path: Path, change: Callable[[dict], None], files: DiskTables = DISK) -> None:
     """Change several tables of one catalogue file in a single atomic write: `change` edits the raw
     {table: {doc id: document}} data in place. A kill leaves the file wholly before or wholly after."""
-    storage = AtomicJSONStorage(path)
+    storage = TableStorage(path, files)
     data = storage.read() or {}
     change(data)
     storage.write(data)
 
 
-def read_tables(path: Path) -> dict[str, dict[int, dict]]:
+def read_tables(path: Path, files: DiskTables = DISK) -> dict[str, dict[int, dict]]:
     """Every table of a TinyDB file from one read: table -> {doc_id: document}."""
-    data = AtomicJSONStorage(path).read() or {}
+    data = TableStorage(path, files).read() or {}
     return {table: {int(i): doc for i, doc in docs.items()} for table, docs in data.items()}
 
 
@@ -268,8 +292,12 @@ class Catalogue:
     replaced atomically, so a read sees a whole file).
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, files: DiskTables = DISK):
         self.folder = Path(folder)
+        self.files = files
+
+    def _db(self, path: Path) -> TinyDB:
+        return open_db(path, self.files)
 
     # ---- adapter entries ------------------------------------------------------
 
@@ -277,17 +305,14 @@ class Catalogue:
         return self.folder / "adapters" / f"{name}.json"
 
     def names(self) -> list[str]:
-        folder = self.folder / "adapters"
-        if not folder.is_dir():
-            return []
-        return sorted(e.name[:-5] for e in os.scandir(folder) if e.name.endswith(".json") and not e.name.startswith("."))
+        return self.files.stems(self.folder / "adapters")
 
     def entry(self, name: str) -> tuple[list[dict], dict[str, int], dict[int, dict]]:
         """A name's versions (by number), aliases and removed numbers ({number: {sha256, removed_at}}), in one read."""
         if not _CATALOGUE_NAME.fullmatch(name):
             return [], {}, {}  # never a path outside the catalogue, whatever a ref says
         path = self.adapter_path(name)
-        tables = read_tables(path)
+        tables = read_tables(path, self.files)
         _check_shapes(path, tables)
         versions = sorted(tables.get("versions", {}).values(), key=lambda r: r["version"])
         removed = {d["version"]: d for d in tables.get("removed", {}).values()}
@@ -295,7 +320,7 @@ class Catalogue:
 
     def add_versions(self, name: str, records: list[dict]) -> None:
         """Store finished records as versions of `name`; a number in use, or ever used, is refused."""
-        db = open_db(self.adapter_path(name))
+        db = self._db(self.adapter_path(name))
         taken = {d.doc_id for d in db.table("versions").all()} | {d.doc_id for d in db.table("removed").all()}
         clash = [r["version"] for r in records if r["version"] in taken]
         if clash:
@@ -303,10 +328,10 @@ class Catalogue:
         db.table("versions").insert_multiple(Document(r, doc_id=r["version"]) for r in records)
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
-        open_db(self.adapter_path(name)).table("aliases").upsert({"alias": alias, "version": version}, Query().alias == alias)
+        self._db(self.adapter_path(name)).table("aliases").upsert({"alias": alias, "version": version}, Query().alias == alias)
 
     def update_version(self, name: str, version: int, fields: dict) -> None:
-        open_db(self.adapter_path(name)).table("versions").update(fields, doc_ids=[version])
+        self._db(self.adapter_path(name)).table("versions").update(fields, doc_ids=[version])
 
     def drop_version(self, record: dict, removed_at: str) -> list[str]:
         """Remove a version, keeping its number as removed; returns the sha256s no version references any more.
@@ -330,7 +355,7 @@ class Catalogue:
             tables["versions"].pop(str(number))
             tables["aliases"] = {i: a for i, a in tables.get("aliases", {}).items() if a["version"] != number}
 
-        rewrite_tables(self.adapter_path(name), drop)
+        rewrite_tables(self.adapter_path(name), drop, self.files)
         unreferenced = []
         for sha, sha_db in sha_dbs.items():
             sha_db.remove((Query().sha256 == sha) & (Query().name == name) & (Query().version == number))
@@ -345,13 +370,13 @@ class Catalogue:
     def add_eval(self, name: str, row: dict) -> None:
         """Append an evaluation of a version of `name` to its catalogue file (table `evals`): append-only,
         so a recomputation never hides what was measured before, and `rm` keeps them with the number."""
-        open_db(self.adapter_path(name)).table("evals").insert(row)
+        self._db(self.adapter_path(name)).table("evals").insert(row)
 
     def evals(self, name: str) -> list[dict]:
         """Every evaluation recorded on versions of `name`, oldest first."""
         if not _CATALOGUE_NAME.fullmatch(name):
             return []
-        docs = read_tables(self.adapter_path(name)).get("evals", {})
+        docs = read_tables(self.adapter_path(name), self.files).get("evals", {})
         return [docs[i] for i in sorted(docs)]
 
     def add_model_eval(self, row: dict) -> None:
@@ -367,10 +392,10 @@ class Catalogue:
     # ---- indexes --------------------------------------------------------------
 
     def _sha_db(self, sha256: str) -> TinyDB:
-        return open_db(self.folder / "sha" / f"{sha256[:2]}.json")
+        return self._db(self.folder / "sha" / f"{sha256[:2]}.json")
 
     def _by_base_db(self, base_sha: str) -> TinyDB:
-        return open_db(self.folder / "by-base" / f"{base_sha[:16]}.json")
+        return self._db(self.folder / "by-base" / f"{base_sha[:16]}.json")
 
     def index(self, records: list[dict]) -> None:
         """Index rows for records about to be stored: written before the records, so a reader never
@@ -402,28 +427,28 @@ class Catalogue:
 
     def rows(self, filename: str) -> list[dict]:
         """Every row of a row file, each with its `doc_id`."""
-        return [{**d, "doc_id": d.doc_id} for d in open_db(self.folder / filename).all()]
+        return [{**d, "doc_id": d.doc_id} for d in self._db(self.folder / filename).all()]
 
     def find(self, filename: str, **match) -> dict | None:
-        found = open_db(self.folder / filename).get(_where(match))
+        found = self._db(self.folder / filename).get(_where(match))
         return dict(found) if found is not None else None
 
     def insert(self, filename: str, row: dict) -> None:
-        open_db(self.folder / filename).insert(row)
+        self._db(self.folder / filename).insert(row)
 
     def upsert(self, filename: str, row: dict, key: str) -> None:
-        open_db(self.folder / filename).upsert(row, Query()[key] == row[key])
+        self._db(self.folder / filename).upsert(row, Query()[key] == row[key])
 
     def update(self, filename: str, fields: dict, **match) -> None:
-        open_db(self.folder / filename).update(fields, _where(match))
+        self._db(self.folder / filename).update(fields, _where(match))
 
     def remove(self, filename: str, doc_ids: list[int] | None = None, **match) -> None:
         """Remove matching rows; a row file left empty is removed too (no file is no rows, and a command
         that wrote then withdrew a row leaves the catalogue byte-identical)."""
-        db = open_db(self.folder / filename)
+        db = self._db(self.folder / filename)
         db.remove(doc_ids=doc_ids) if doc_ids is not None else db.remove(_where(match))
         if not len(db):
-            (self.folder / filename).unlink(missing_ok=True)
+            self.files.remove(self.folder / filename)
 
 
 def _where(match: dict):

@@ -214,7 +214,7 @@ def test_repair_keeps_what_a_live_process_is_writing_and_removes_stray_files(cli
     live.write_bytes(b"being written")
     # A staging folder of this (live) process: its fuse may have stored a restore blob not yet in the catalogue.
     out = tmp_path / "fused"
-    from adapterhub.store import staging_path
+    from adapterhub.files import staging_path
     staging_path(out, "fuse", os.getpid()).mkdir()
     _journal(registry, path=str(staging_path(out, "fuse", os.getpid())), out=str(out), purpose="fuse", pid=os.getpid(),
              host=os.uname().nodename, started_at="2026-01-01T00:00:00Z")

@@ -1,6 +1,7 @@
 """store.Catalogue on disk, without a model in sight: the operations the registry is built on."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,44 @@ def test_valid_json_of_the_wrong_shape_is_damage_not_a_crash(catalogue, text):
 def test_a_name_never_becomes_a_path_outside_the_catalogue(catalogue, tmp_path):
     (tmp_path / "outside.json").write_text(json.dumps({"versions": {}}))
     assert catalogue.entry("../outside") == ([], {}, {}) and catalogue.entry("sql\n") == ([], {}, {})
+
+
+class MemoryTables:
+    """Catalogue files in a dict: the catalogue's logic without a filesystem, through the four calls it uses."""
+
+    def __init__(self):
+        self.files: dict[str, str] = {}
+
+    def read(self, path):
+        text = self.files.get(str(path))
+        return json.loads(text) if text is not None else None
+
+    def write(self, path, data):
+        self.files[str(path)] = json.dumps(data)  # a copy, as a file is: later edits of `data` must not show
+
+    def remove(self, path):
+        self.files.pop(str(path), None)
+
+    def stems(self, folder):
+        prefix = f"{folder}/"
+        return sorted(p[len(prefix):-5] for p in self.files if p.startswith(prefix) and "/" not in p[len(prefix):])
+
+
+def test_the_catalogue_runs_the_same_on_memory_tables(tmp_path):
+    memory = MemoryTables()
+    catalogues = {"disk": Catalogue(tmp_path / "catalog"), "memory": Catalogue(Path("/nowhere/catalog"), memory)}
+    seen = {}
+    for where, catalogue in catalogues.items():
+        catalogue.add_versions("alpha", [_record("alpha", 1, "1" * 64), _record("alpha", 2, "2" * 64)])
+        catalogue.add_versions("beta", [_record("beta", 1, "1" * 64)])
+        catalogue.index([_record("alpha", 1, "1" * 64), _record("alpha", 2, "2" * 64), _record("beta", 1, "1" * 64)])
+        catalogue.set_alias("alpha", "prod", 1)
+        freed = catalogue.drop_version(_record("alpha", 2, "2" * 64), "2026-01-01T00:00:00Z")
+        catalogue.insert("bases.json", {"name": "b", "sha256": "b" * 64})
+        catalogue.remove("bases.json", name="b")
+        seen[where] = (catalogue.names(), catalogue.entry("alpha"), catalogue.names_on_base("b" * 64), freed,
+                       catalogue.rows("bases.json"), sorted(r["name"] for r in catalogue.sha_rows("1111", "adapters.safetensors")))
+    assert seen["memory"] == seen["disk"]
+    assert seen["disk"][0] == ["alpha", "beta"] and seen["disk"][1][1] == {"prod": 1} and 2 in seen["disk"][1][2]
+    assert not (Path("/nowhere")).exists() and all(p.startswith("/nowhere/catalog/") for p in memory.files)
+    assert "/nowhere/catalog/bases.json" not in memory.files  # emptied row file removed, as on disk

@@ -1,12 +1,8 @@
-"""Low-rank factor algebra shared by stack and extract: exact sums, truncated SVD, mlx-lm folders."""
+"""Low-rank factor algebra shared by stack and extract: exact sums and truncated SVD."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-
-from ..store import write_json
 
 
 def truncated(b_t: np.ndarray, a_t: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -71,17 +67,3 @@ def truncated_dense(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarra
     total = float(np.vdot(a, a))
     error = float(np.sqrt(lost / total)) if total > 0 else 0.0
     return vt[:rank].T, ((basis @ u[:, :rank]) * s[:rank]).T, error
-
-
-def write_mlx_adapter(folder: Path, weights: dict[str, np.ndarray], rank: int, scale: float, num_layers: int,
-                      keys: list[str], dtype: str = "float32", extra: dict | None = None) -> Path:
-    """An adapter folder in exactly the layout mlx_lm.load(adapter_path=...) reads."""
-    import mlx.core as mx
-
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {k: mx.array(np.ascontiguousarray(v, dtype=np.float32)).astype(getattr(mx, dtype)) for k, v in weights.items()}
-    mx.save_safetensors(str(folder / "adapters.safetensors"), arrays)
-    write_json(folder / "adapter_config.json", {
-        "fine_tune_type": "lora", "num_layers": num_layers,
-        "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": keys}, **(extra or {})})
-    return folder
