@@ -37,7 +37,7 @@ class BaseModels:
     def _rows(self, filename: str, schema: str) -> list[dict]:
         """Every row of a catalogue file, each with the fields readers use: a hand-edited row is named, not
         tripped over. The full schema is checked on write and by verify (jsonschema is too slow for `list`)."""
-        self._require()
+        self.require()
         rows = [{k: v for k, v in row.items() if k != "doc_id"} for row in self.catalogue.rows(filename)]
         for row in rows:
             bad = [k for k, kind in _ROW_FIELDS[schema].items() if not isinstance(row.get(k), kind)]
@@ -91,11 +91,17 @@ class BaseModels:
             if name and name != resolved.name:
                 raise ConflictError(f"this model is already registered as base '{resolved.name}'",
                                     hint=f"use --base {resolved.name}")
+            known = resolved.record.path
+            if known is None or not known.is_dir():
+                # Registered from elsewhere (a pull records the remote's address) or moved: these bytes are here now.
+                with self.transaction():
+                    self.catalogue.update("bases.json", {"path": str(Path(path).resolve())}, sha256=resolved.sha256)
+                return self.catalogue.find("bases.json", sha256=resolved.sha256), False
             return resolved.record.record, False
-        with self._transaction():
-            return self._register_base(resolved.fingerprint, name, Path(path)), True
+        with self.transaction():
+            return self.register_base_row(resolved.fingerprint, name, Path(path)), True
 
-    def _register_base(self, fp: dict, name: str | None, path: Path) -> dict:
+    def register_base_row(self, fp: dict, name: str | None, path: Path) -> dict:
         """Under the lock: the base row for a fingerprint, registered unless it already is."""
         same = self.catalogue.find("bases.json", sha256=fp["sha256"])
         if same:
@@ -115,7 +121,7 @@ class BaseModels:
     def datasets(self) -> list[dict]:
         return self._rows("datasets.json", "dataset")
 
-    def _register_dataset(self, fp: dict, path: Path) -> dict:
+    def register_dataset_row(self, fp: dict, path: Path) -> dict:
         """Under the lock: the dataset row for a fingerprint, registered unless it already is."""
         same = self.catalogue.find("datasets.json", sha256=fp["sha256"])
         if same:

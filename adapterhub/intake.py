@@ -149,26 +149,26 @@ class Intake:
         make_record(1, placeholder, placeholder, draft_base, {**dataset_fp, "name": "draft"} if dataset_fp else None,
                     parents)
 
-        with self._transaction():
+        with self.transaction():
             # Blobs deduplicate, so storing first costs nothing when these weights are already here.
             weights = store_weights()
             versions, _, removed = self.catalogue.entry(name)
             existing = [v for v in versions if v["sha256"] == weights[0]]
             if existing:
-                return self._version_obj(existing[0]), False
+                return self.version_of(existing[0]), False
             edges = [*parents, imported_from(claim)] if claim and claim["sha256"] == weights[0] else parents
             config = store_config()
             base_row = None
             if resolved:
                 base_row = (resolved.record.record if resolved.record
-                            else self._register_base(resolved.fingerprint, None, Path(base)))
-            dataset_row = self._register_dataset(dataset_fp, Path(dataset)) if dataset_fp else None
+                            else self.register_base_row(resolved.fingerprint, None, Path(base)))
+            dataset_row = self.register_dataset_row(dataset_fp, Path(dataset)) if dataset_fp else None
             # The high-water mark counts removed versions too: a number means one set of bytes forever.
             version = max([v["version"] for v in versions] + list(removed), default=0) + 1
             record = make_record(version, weights, config, base_ref(base_row) if base_row else None, dataset_row, edges)
             self.catalogue.index([record])
             self.catalogue.add_versions(name, [record])
-            return self._version_obj(record), True
+            return self.version_of(record), True
 
     def register_records(self, records: list[dict]) -> int:
         """Register many finished version records at once, for migrations and benchmarks.
@@ -181,7 +181,7 @@ class Intake:
         for record in records:
             validate(record, "adapter_version", what=f"record for {record.get('name')}@{record.get('version')}")
             by_name.setdefault(record["name"], []).append(record)
-        with self._transaction():
+        with self.transaction():
             self.catalogue.index(records)
             for name, versions in by_name.items():
                 self.catalogue.add_versions(name, versions)

@@ -27,12 +27,12 @@ class Outputs:
     def register_fused(self, record: dict) -> dict:
         """Catalogue a fused model folder (written first by the caller: files before the row)."""
         validate(record, "fused_model", what="fused model record")
-        with self._transaction():
+        with self.transaction():
             self.catalogue.upsert(FUSED, record, "sha256")
         return record
 
     def fused_models(self) -> list[dict]:
-        self._require()
+        self.require()
         return [{k: v for k, v in row.items() if k != "doc_id"} for row in self.catalogue.rows(FUSED)]
 
     def fused(self, sha256: str) -> dict | None:
@@ -57,13 +57,13 @@ class Outputs:
         check_output(out, protected, force)
         row = {"path": str(staging_path(out, purpose, os.getpid())), "out": str(out), "purpose": purpose,
                "pid": os.getpid(), "host": socket.gethostname(), "started_at": now()}
-        with self._transaction():
+        with self.transaction():
             self.catalogue.insert(STAGING, row)
         try:
             with staged_folder(out, purpose, protected, force) as staging:
                 yield staging
         finally:
-            with self._transaction():
+            with self.transaction():
                 self.catalogue.remove(STAGING, path=row["path"])
 
     def staging_rows(self) -> tuple[list[dict], list[dict]]:

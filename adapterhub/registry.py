@@ -78,7 +78,7 @@ class Registry(Intake, BaseModels, TrainingRuns, Outputs, ForeignFolders):
             write_json(self.root / "registry.json", {"format": FORMAT, "created_at": now(), "adapterhub_version": __version__})
         return True
 
-    def _require(self) -> None:
+    def require(self) -> None:
         """Reading a registry that is not there is a mistake (a typo in --registry), not an empty answer."""
         if not self.initialized:
             self._marker()
@@ -115,7 +115,7 @@ class Registry(Intake, BaseModels, TrainingRuns, Outputs, ForeignFolders):
         return marker
 
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def transaction(self) -> Iterator[None]:
         """Hold the registry lock; create the registry on first write, as `git init` would be tedious."""
         self.init()
         with self._lock.hold():
@@ -128,7 +128,7 @@ class Registry(Intake, BaseModels, TrainingRuns, Outputs, ForeignFolders):
         return naming.Policy.from_dict(doc)
 
     def set_policy(self, policy: naming.Policy) -> None:
-        with self._transaction():
+        with self.transaction():
             doc = policy.to_dict()
             validate(doc, "policy")
             write_json(self.root / "policy.json", doc)
@@ -146,7 +146,7 @@ class Registry(Intake, BaseModels, TrainingRuns, Outputs, ForeignFolders):
     def _names(self) -> list[str]:
         return self.catalogue.names()
 
-    def _version_obj(self, record: dict, aliases: dict[str, int] | None = None) -> AdapterVersion:
+    def version_of(self, record: dict, aliases: dict[str, int] | None = None) -> AdapterVersion:
         aliases = self._entry(record["name"])[1] if aliases is None else aliases
         return AdapterVersion(record, tuple(sorted(a for a, v in aliases.items() if v == record["version"])))
 
@@ -154,7 +154,7 @@ class Registry(Intake, BaseModels, TrainingRuns, Outputs, ForeignFolders):
 
     def resolve(self, ref: str) -> AdapterVersion:
         """The version a ref names: `name`, `name@3`, `name@alias`, or a sha256 prefix."""
-        self._require()
+        self.require()
         parsed = naming.parse_ref(ref)
         versions, aliases, removed = self.catalogue.entry(parsed.name) if parsed.name else ([], {}, {})
         if parsed.version in removed:
@@ -172,7 +172,7 @@ class Registry(Intake, BaseModels, TrainingRuns, Outputs, ForeignFolders):
                                     hint=f"run 'adapterhub show {parsed.name}'", kind="alias", key=ref)
             for v in versions:
                 if v["version"] == wanted:
-                    return self._version_obj(v, aliases)
+                    return self.version_of(v, aliases)
             raise NotFoundError(f"adapter '{parsed.name}' has no version {wanted} (latest is {latest})",
                                 hint=f"run 'adapterhub list --name {parsed.name}'", kind="version", key=ref)
         if parsed.sha_prefix:
@@ -201,13 +201,13 @@ class Registry(Intake, BaseModels, TrainingRuns, Outputs, ForeignFolders):
             # Rows are written before their record; one without a record is a leftover, not a version.
             record = next((v for v in self._versions(row["name"]) if v["version"] == row["version"]), None)
             if record and record["sha256"] == row["sha256"]:
-                found[(row["name"], row["version"])] = self._version_obj(record)
+                found[(row["name"], row["version"])] = self.version_of(record)
         return list(found.values())
 
     def list(self, base: str | None = None, kind: str | None = None, tags: dict[str, str] | None = None,
              name_glob: str | None = None) -> list[AdapterVersion]:
         """Versions matching every filter given, by name then version."""
-        self._require()
+        self.require()
         if base:
             base_sha = self.base(base)["sha256"]
             names = sorted(self.catalogue.names_on_base(base_sha))
@@ -225,7 +225,7 @@ class Registry(Intake, BaseModels, TrainingRuns, Outputs, ForeignFolders):
                     continue
                 if tags and any(record["tags"].get(k) != v for k, v in tags.items()):
                     continue
-                result.append(self._version_obj(record, aliases))
+                result.append(self.version_of(record, aliases))
         return result
 
     def weights(self, version: AdapterVersion) -> Path:
@@ -262,14 +262,14 @@ class Registry(Intake, BaseModels, TrainingRuns, Outputs, ForeignFolders):
     def alias(self, ref: str, alias: str) -> AdapterVersion:
         """Point `name@alias` at the version `ref` names (aliases move, versions do not)."""
         naming.check_alias(alias)
-        with self._transaction():
+        with self.transaction():
             version = self.resolve(ref)
             self.catalogue.set_alias(version.name, alias, version.version)
             return self.resolve(version.ref)
 
     def tag(self, ref: str, key: str, value: str) -> AdapterVersion:
         naming.check_tags({key: value})
-        with self._transaction():
+        with self.transaction():
             version = self.resolve(ref)
             record = {**version.record, "tags": {**version.tags, key: value}}
             validate(record, "adapter_version", what=f"record for {version.ref}")
@@ -286,7 +286,7 @@ class Registry(Intake, BaseModels, TrainingRuns, Outputs, ForeignFolders):
 
         Its number is kept as removed (with its sha256), so it is never given to other bytes.
         """
-        with self._transaction():
+        with self.transaction():
             version = self.resolve(ref)
             dependants = self.children(version)
             if dependants and not force:
@@ -303,7 +303,7 @@ class Registry(Intake, BaseModels, TrainingRuns, Outputs, ForeignFolders):
         catalogue file, or the rows of base and fused models. Rows are never changed or removed."""
         subject = row.get("subject") or {}
         validate(row, "evaluation", what=f"evaluation of {subject.get('ref') or subject.get('name')}")
-        with self._transaction():
+        with self.transaction():
             if subject["kind"] == "adapter":
                 # Under the lock: the version may have been removed since it was evaluated.
                 version = self.resolve(subject["ref"])
@@ -317,7 +317,7 @@ class Registry(Intake, BaseModels, TrainingRuns, Outputs, ForeignFolders):
 
     def evaluations(self, subject: AdapterVersion | str) -> list[dict]:
         """Evaluations recorded on a version, or on the base or fused model with this sha256; oldest first."""
-        self._require()
+        self.require()
         if isinstance(subject, AdapterVersion):
             rows = [r for r in self.catalogue.evals(subject.name)
                     if isinstance(r.get("subject"), dict) and r["subject"].get("sha256") == subject.sha256]
@@ -342,8 +342,8 @@ class Registry(Intake, BaseModels, TrainingRuns, Outputs, ForeignFolders):
         """Remove what interrupted writes left (orphan blobs, temporary files, stale staging folders, stale index rows)."""
         from .integrity import repair
 
-        self._require()  # never create a registry just to repair it
-        with self._transaction():
+        self.require()  # never create a registry just to repair it
+        with self.transaction():
             return repair(self)
 
 

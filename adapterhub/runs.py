@@ -20,12 +20,12 @@ class TrainingRuns:
 
     def start_run(self, record: dict) -> dict:
         validate(record, "training_run", what=f"run {record.get('id')}")
-        with self._transaction():
+        with self.transaction():
             self.catalogue.insert(RUNS, record)
         return record
 
     def update_run(self, run_id: str, **fields) -> dict:
-        with self._transaction():
+        with self.transaction():
             record = {**self.run(run_id), **fields}
             validate(record, "training_run", what=f"run {run_id}")
             self.catalogue.update(RUNS, fields, id=run_id)
@@ -38,7 +38,7 @@ class TrainingRuns:
         return found
 
     def runs(self, status: str | None = None) -> list[dict]:
-        self._require()
+        self.require()
         found = []
         for record in self.catalogue.rows(RUNS):
             record = {k: v for k, v in record.items() if k != "doc_id"}
