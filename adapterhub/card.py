@@ -15,7 +15,7 @@ from pathlib import Path
 from .lineage import Node, Walker, ancestors, folder_record, to_tree, walk_up
 from .records import RECORD_FILE, AdapterVersion, EvalResult
 from .registry import Registry
-from .store import read_json
+from .files import read_json
 
 LOSS_ROWS = 12  # a loss curve in a card is a glance, not the log
 
@@ -43,9 +43,22 @@ def base_license(base: dict | None) -> str | None:
     return found.group(1) if found else None
 
 
-def _base_id(registry: Registry, ref: dict | None) -> tuple[str | None, dict | None]:
+# A folder in a Hugging Face cache names its repo: .../models--OWNER--NAME/snapshots/<commit>.
+_HF_CACHE_FOLDER = re.compile(r"models--([\w.-]+?)--([\w.-]+)/snapshots/")
+
+
+def _base_id(registry: Registry, ref: dict | None) -> tuple[str | None, str | None, dict | None]:
+    """(the base's Hub repo id or None, the name to show, its registered row).
+
+    Only a Hub id goes into `base_model`: the Hub links (and validates) it as a model repo, which
+    a local base name is not.
+    """
     record = next((b for b in registry.bases() if ref and b["sha256"] == ref["sha256"]), None)
-    return ((record or {}).get("hf_repo") or (ref or {}).get("name")), record
+    hub_id = (record or {}).get("hf_repo")
+    if hub_id is None and record and record.get("path"):
+        found = _HF_CACHE_FOLDER.search(record["path"].replace("\\", "/") + "/")
+        hub_id = f"{found.group(1)}/{found.group(2)}" if found else None
+    return hub_id, hub_id or (ref or {}).get("name"), record
 
 
 def _table(rows: list[tuple[str, object]]) -> str:
@@ -102,10 +115,10 @@ def _evaluations(rows: list[dict]) -> str:
 
 def adapter_card(registry: Registry, version: AdapterVersion, library: str = "mlx") -> str:
     r = version.record
-    base_id, base_record = _base_id(registry, r.get("base"))
+    hub_id, base_id, base_record = _base_id(registry, r.get("base"))
     evaluations = registry.evaluations(version)
     front = {
-        "base_model": base_id, "base_model_relation": "adapter", "library_name": library,
+        "base_model": hub_id, "base_model_relation": "adapter" if hub_id else None, "library_name": library,
         "datasets": [r["dataset"]["name"]] if r.get("dataset") else [],
         "tags": ["adapterhub", "mlx", r["kind"]] + (["peft"] if library == "peft" else [])
                 + [f"{k}:{v}" for k, v in sorted(r["tags"].items())],
@@ -139,13 +152,14 @@ def adapter_card(registry: Registry, version: AdapterVersion, library: str = "ml
 
 def fused_card(registry: Registry, record: dict, folder: Path) -> str:
     """The card fuse writes into the fused folder (the record may not be registered yet)."""
-    base_id, base_record = _base_id(registry, record["base"])
+    hub_id, base_id, base_record = _base_id(registry, record["base"])
     walker = Walker(registry)
     root = Node(f"fused:{record['sha256']}", "fused", str(Path(folder).resolve()), record["sha256"], True, record)
     lineage = walk_up(walker, root)
     datasets = sorted({n.label for n in lineage.nodes.values() if n.kind == "dataset"})
     evaluations = registry.evaluations(record["sha256"]) if registry.initialized else []
-    front = {"base_model": base_id, "base_model_relation": "merge", "library_name": "mlx", "datasets": datasets,
+    front = {"base_model": hub_id, "base_model_relation": "merge" if hub_id else None, "library_name": "mlx",
+             "datasets": datasets,
              "tags": ["adapterhub", "mlx", "merge"], "license": base_license(base_record),
              "model-index": model_index(Path(folder).name, evaluations)}
     adapters = "\n".join(f"- `{a['ref']}` (sha256 `{a['sha256']}`)" for a in record["adapters"])

@@ -12,14 +12,18 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .errors import AdapterHubError, NotFoundError
+from .errors import AdapterHubError, ConflictError, NotFoundError
 from .hf import COMMIT, REPO_ID, hub_errors
 from .records import AdapterVersion
 from .registry import Registry
 
 def push(registry: Registry, ref: str, repo_id: str, private: bool = False, revision: str | None = None,
          dry_run: bool = False) -> dict:
-    """Upload the exported folder (weights, adapter_config.json, README.md card, adapterhub.json)."""
+    """Upload the exported folder (weights, adapter_config.json, README.md card, adapterhub.json).
+
+    The commit names the branch head it was made on (`parent_commit`), so two pushes to one repo
+    at once cannot overwrite each other: the Hub refuses the later one, which becomes a conflict.
+    """
     from .export import export
 
     if not REPO_ID.match(repo_id):
@@ -31,17 +35,37 @@ def push(registry: Registry, ref: str, repo_id: str, private: bool = False, revi
         result = {"ref": version.ref, "sha256": version.sha256, "repo_id": repo_id, "revision": revision or "main",
                   "private": private, "files": files}
         if dry_run:
-            return {**result, "commit": None, "url": None}
+            return {**result, "commit": None, "url": None, "parent_commit": None}
         from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError
 
         api = HfApi()
+        branch = revision or "main"
         with hub_errors(f"push to {repo_id}", upload=True):
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision:
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
-            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
-                                       commit_message=f"{version.ref} (sha256 {version.sha256[:12]}) from adapterhub")
-    return {**result, "commit": commit.oid, "url": commit.commit_url}
+            parent = _head(api, repo_id, branch)
+            try:
+                commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, parent_commit=parent,
+                                           commit_message=f"{version.ref} (sha256 {version.sha256[:12]}) from adapterhub")
+            except HfHubHTTPError as e:
+                if getattr(e.response, "status_code", None) != 412:
+                    raise
+                raise ConflictError(f"push to {repo_id}@{branch}: someone else pushed to it since {str(parent)[:12]}, "
+                                    "so this push was refused rather than overwrite theirs",
+                                    hint=f"look at the new commit on {repo_id}, then push again") from None
+    return {**result, "commit": commit.oid, "url": commit.commit_url, "parent_commit": parent}
+
+
+def _head(api, repo_id: str, branch: str) -> str | None:
+    """The commit a branch points at now; None for a repo with no commit yet (nothing to overwrite)."""
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    try:
+        return api.model_info(repo_id, revision=branch).sha
+    except RevisionNotFoundError:
+        return None
 
 
 def pull(registry: Registry, repo_id: str, name: str, revision: str | None = None, base: str | None = None,

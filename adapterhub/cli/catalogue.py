@@ -10,14 +10,15 @@ import click
 from ..errors import AdapterHubError
 from ..records import AdapterVersion, EvalResult, unapplied
 from ..registry import Registry
+from ..remote.config import split_remote_ref
 from .context import Context, parse_tags, pass_ctx
 
 
-def _version_line(v: AdapterVersion) -> str:
+def _version_line(v: AdapterVersion, prefix: str = "") -> str:
     base = v.base.name if v.base else "-"
     aliases = ",".join(v.aliases) or "-"
     tags = ",".join(f"{k}={val}" for k, val in sorted(v.tags.items())) or "-"
-    return f"{v.ref:<32} {v.kind:<6} {v.rank:>4}  {base:<24} {aliases:<12} {tags:<20} {v.record['created_at']}"
+    return f"{prefix + v.ref:<32} {v.kind:<6} {v.rank:>4}  {base:<24} {aliases:<12} {tags:<20} {v.record['created_at']}"
 
 
 def _show_text(v: AdapterVersion, evaluations: list[dict] = ()) -> str:
@@ -53,6 +54,9 @@ def _show_text(v: AdapterVersion, evaluations: list[dict] = ()) -> str:
         lines.append(f"  eval       {result.summary()}, base {result.row['base']['name']}, {result.row['created_at']}")
     if r.get("description"):
         lines.append(f"  about      {r['description']}")
+    source = r.get("source") or {}
+    if source.get("remote"):
+        lines.append(f"  pulled     from {source['ref']} ({source['path']}) at {source.get('pulled_at', '?')}")
     lines.append(f"  created    {r['created_at']}")
     return "\n".join(lines)
 
@@ -164,12 +168,16 @@ def _check_sort(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--sort", "sort_key", metavar="FIELD|eval:METRIC", callback=_check_sort,
               help="Order by a field (name, created_at, rank, ...; -FIELD reverses) or by a recorded score, best "
                    "first (eval:test_loss, eval:test_exact_match, ...).")
+@click.option("--remote", "remote_name", metavar="REMOTE", help="List a remote registry instead (see 'adapterhub remote').")
 @pass_ctx
 def list_(ctx: Context, base_: str | None, kind: str | None, tags: tuple[str, ...], name_glob: str | None,
-          sort_key: str | None) -> None:
+          sort_key: str | None, remote_name: str | None) -> None:
     """List adapter versions."""
-    versions = ctx.registry.list(base_, kind, parse_tags(tags), name_glob)
     header = f"{'REF':<32} {'KIND':<6} {'RANK':>4}  {'BASE':<24} {'ALIASES':<12} {'TAGS':<20} CREATED"
+    if remote_name:
+        _list_remote(ctx, remote_name, base_, kind, parse_tags(tags), name_glob, sort_key, header)
+        return
+    versions = ctx.registry.list(base_, kind, parse_tags(tags), name_glob)
     if not sort_key:
         ctx.emit([v.to_dict() for v in versions],
                  "\n".join([header] + [_version_line(v) for v in versions]) if versions else "no adapters match")
@@ -198,11 +206,49 @@ def list_(ctx: Context, base_: str | None, kind: str | None, tags: tuple[str, ..
                    f"different data do not rank — run 'adapterhub compare REF... --data DIR'", err=True)
 
 
+def _list_remote(ctx: Context, name: str, base: str | None, kind: str | None, tags: dict, name_glob: str | None,
+                 sort_key: str | None, header: str) -> None:
+    from ..remote.catalogue import RemoteRegistry
+
+    remote = RemoteRegistry.open(ctx.registry, name)
+    listed = remote.list(base, kind, tags, name_glob)
+    if sort_key and "eval:" in sort_key:
+        raise AdapterHubError(f"--sort {sort_key} needs evaluations, which remotes do not share",
+                              hint="sort by a field, or pull the versions and sort them here")
+    if ctx.as_json or sort_key:
+        from ..evaluation import sort_versions
+
+        versions = remote.views(listed)
+        versions = [v for v, _ in sort_versions(None, versions, sort_key)] if sort_key else versions
+        ctx.emit([v.to_dict() | {"remote": name} for v in versions],
+                 "\n".join([header] + [_version_line(v, f"{name}:") for v in versions]) if versions else "no adapters match")
+        return
+    ctx.emit(None, "\n".join([header] + [_listed_line(item, f"{name}:") for item in listed]) if listed else "no adapters match")
+
+
+def _listed_line(item, prefix: str) -> str:
+    s = item.entry["summary"]
+    aliases = ",".join(item.aliases) or "-"
+    tags = ",".join(f"{k}={val}" for k, val in sorted(item.entry["tags"].items())) or "-"
+    return (f"{prefix + item.ref:<32} {s['kind']:<6} {s['rank']:>4}  {(s['base'] or {}).get('name', '-'):<24} "
+            f"{aliases:<12} {tags:<20} {s['created_at']}")
+
+
 @click.command()
-@click.argument("ref")
+@click.argument("ref", metavar="REF|REMOTE:REF")
 @pass_ctx
 def show(ctx: Context, ref: str) -> None:
-    """Show one adapter version."""
+    """Show one adapter version, here or in a remote."""
+    remote_ref = split_remote_ref(ref)
+    if remote_ref:
+        from ..remote.catalogue import RemoteRegistry
+
+        found = RemoteRegistry.open(ctx.registry, remote_ref[0]).resolve(remote_ref[1])
+        pushed = f"\n  pushed     by {found.entry['pushed_by']} at {found.entry['pushed_at']}"
+        ctx.emit(found.view.to_dict() | {"remote": found.remote, "remote_ref": found.remote_ref, "record": found.entry["record"],
+                                         "pushed_at": found.entry["pushed_at"], "pushed_by": found.entry["pushed_by"]},
+                 f"{found.remote}:" + _show_text(found.view) + pushed)
+        return
     version = ctx.registry.resolve(ref)
     evaluations = ctx.registry.evaluations(version)
     ctx.emit(version.to_dict() | {"evaluations": evaluations}, _show_text(version, evaluations))
@@ -216,29 +262,67 @@ def show(ctx: Context, ref: str) -> None:
 def check(ctx: Context, ref: str, base_: str, allow_different_weights: bool) -> None:
     """Check that an adapter fits a base model; exit 1 when it does not."""
     report = ctx.registry.check(ref, base_, allow_different_weights)
-    ctx.emit(report.to_dict(), report.summary())
+    needed = _base_needed(ctx.registry, ctx.registry.resolve(ref))
+    ctx.emit(report.to_dict() | {"needs_base": needed}, report.summary())
+    where = "see the report above" if not ctx.as_json else "see the JSON report"
+    line = None
+    if needed:
+        line = (f"{report.adapter} needs base {needed['name']}" + (f" (Hub {needed['hf_repo']})" if needed["hf_repo"] else "")
+                + f", sha256 {needed['sha256']}, which is not on this machine")
     if not report.compatible:
         raise AdapterHubError(f"{report.adapter} is not compatible with {report.base}: {report.problems[0]}",
-                              hint="see the report above" if not ctx.as_json else "see the JSON report")
+                              hint=f"{line}; add it with 'adapterhub base add PATH'" if line else where)
+    if line and not ctx.quiet:
+        click.echo(f"note: {line} — add it with 'adapterhub base add PATH' to fuse or generate", err=True)
+
+
+def _base_needed(registry: Registry, version: AdapterVersion) -> dict | None:
+    """The base a version was trained on, when its weights are not on this machine (a pulled version's, say)."""
+    base = version.record.get("base")
+    if not base:
+        return None
+    row = registry.bases_by_sha().get(base["sha256"])
+    if row is not None and Path(row["path"]).is_dir():
+        return None
+    return {"name": base["name"], "sha256": base["sha256"], "hf_repo": (row or {}).get("hf_repo")}
 
 
 @click.command()
-@click.argument("ref")
+@click.argument("ref", metavar="REF|REMOTE:REF")
 @click.argument("alias_name", metavar="ALIAS")
+@click.option("--expect", metavar="OLD_REF", help="On a remote: move it only if it points at OLD_REF now (a version, "
+                                                   "NAME@N, or 'none'); a concurrent move is then a conflict.")
 @pass_ctx
-def alias(ctx: Context, ref: str, alias_name: str) -> None:
-    """Point NAME@ALIAS at a version (aliases move)."""
+def alias(ctx: Context, ref: str, alias_name: str, expect: str | None) -> None:
+    """Point NAME@ALIAS at a version (aliases move); on a remote, by compare-and-swap."""
+    remote_ref = split_remote_ref(ref)
+    if remote_ref:
+        from ..remote.catalogue import RemoteRegistry
+
+        found = RemoteRegistry.open(ctx.registry, remote_ref[0]).alias(remote_ref[1], alias_name, expect)
+        ctx.emit(found.view.to_dict() | {"remote": found.remote},
+                 f"{found.remote}:{found.name}@{alias_name} -> {found.remote_ref}")
+        return
+    if expect is not None:
+        raise click.UsageError("--expect applies to a remote alias (REMOTE:REF); a local alias moves under the registry lock")
     version = ctx.registry.alias(ref, alias_name)
     ctx.emit(version.to_dict(), f"{version.name}@{alias_name} -> {version.ref}")
 
 
 @click.command()
-@click.argument("ref")
+@click.argument("ref", metavar="REF|REMOTE:REF")
 @click.argument("pair", metavar="KEY=VALUE")
 @pass_ctx
 def tag(ctx: Context, ref: str, pair: str) -> None:
-    """Set a tag on a version."""
+    """Set a tag on a version, here or in a remote."""
     ((key, value),) = parse_tags((pair,)).items()
+    remote_ref = split_remote_ref(ref)
+    if remote_ref:
+        from ..remote.catalogue import RemoteRegistry
+
+        found = RemoteRegistry.open(ctx.registry, remote_ref[0]).tag(remote_ref[1], key, value)
+        ctx.emit(found.view.to_dict() | {"remote": found.remote}, f"{found.remote_ref}: {key}={value}")
+        return
     version = ctx.registry.tag(ref, key, value)
     ctx.emit(version.to_dict(), f"{version.ref}: {key}={value}")
 
@@ -256,9 +340,16 @@ def rm(ctx: Context, ref: str, force: bool) -> None:
 @click.command()
 @click.option("--repair", is_flag=True,
               help="First remove what interrupted writes left: orphan blobs, temporary files, staging folders, stale index rows.")
+@click.option("--remote", "remote_name", metavar="REMOTE", help="Verify a remote registry instead: every refs document, "
+                                                               "record, fingerprint and blob re-checked.")
+@click.option("--grace", default="24h", show_default=True, metavar="DURATION",
+              help="With --remote --repair: only remove leftovers older than this (a younger one may be a push in flight).")
 @pass_ctx
-def verify(ctx: Context, repair: bool) -> None:
+def verify(ctx: Context, repair: bool, remote_name: str | None, grace: str) -> None:
     """Check the whole registry: records, blobs, references, lineage. Exit 1 on any problem."""
+    if remote_name:
+        _verify_remote(ctx, remote_name, repair, grace)
+        return
     repaired = ctx.registry.repair() if repair else None
     if repaired and not ctx.as_json:
         removed = [f"{len(items)} {kind}" for kind, items in repaired.removed.items()]
@@ -271,6 +362,26 @@ def verify(ctx: Context, repair: bool) -> None:
     if not report.ok:
         raise AdapterHubError(f"the registry at {ctx.registry.root} has {len(report.problems)} problem(s)",
                               hint="see the report above; restore the damaged files or remove the broken versions")
+
+
+def _verify_remote(ctx: Context, name: str, repair: bool, grace: str) -> None:
+    from ..remote.catalogue import RemoteRegistry
+    from ..remote.verify import parse_duration, repair as repair_remote, verify as verify_remote
+
+    grace_s = parse_duration(grace)
+    remote = RemoteRegistry.open(ctx.registry, name)
+    repaired = repair_remote(remote, grace_s) if repair else None
+    if repaired and not ctx.as_json:
+        removed = [f"{len(items)} {kind}" for kind, items in repaired.removed.items()]
+        ctx.emit(None, f"repaired: removed {', '.join(removed)}" if removed else f"repaired: nothing older than {grace} to remove")
+    report = verify_remote(remote)
+    counts = ", ".join(f"{n} {k}" for k, n in report.checked.items())
+    ctx.emit(report.to_dict() | ({"repaired": repaired.to_dict()} if repaired else {}), "\n".join(
+        [f"{'ok' if report.ok else 'FAILED'}: remote {name} {remote.where()} ({counts or 'nothing checked'})"]
+        + [f"  ✗ {p}" for p in report.problems] + [f"  · {n}" for n in report.notes]))
+    if not report.ok:
+        raise AdapterHubError(f"remote '{name}' has {len(report.problems)} problem(s): {report.problems[0]}",
+                              hint="see the report above; push the damaged versions again from a registry that has them")
 
 
 @click.command()
