@@ -351,17 +351,9 @@ def verify(ctx: Context, repair: bool, remote_name: str | None, grace: str) -> N
         _verify_remote(ctx, remote_name, repair, grace)
         return
     repaired = ctx.registry.repair() if repair else None
-    if repaired and not ctx.as_json:
-        removed = [f"{len(items)} {kind}" for kind, items in repaired.removed.items()]
-        ctx.emit(None, f"repaired: removed {', '.join(removed)}" if removed else "repaired: nothing to remove")
-    report = ctx.registry.verify()
-    counts = ", ".join(f"{n} {k}" for k, n in report.checked.items())
-    ctx.emit(report.to_dict() | ({"repaired": repaired.to_dict()} if repaired else {}), "\n".join(
-        [f"{'ok' if report.ok else 'FAILED'}: {ctx.registry.root} ({counts or 'nothing checked'})"]
-        + [f"  ✗ {p}" for p in report.problems] + [f"  · {n}" for n in report.notes]))
-    if not report.ok:
-        raise AdapterHubError(f"the registry at {ctx.registry.root} has {len(report.problems)} problem(s)",
-                              hint="see the report above; restore the damaged files or remove the broken versions")
+    _show_verified(ctx, ctx.registry.verify(), repaired, str(ctx.registry.root), "nothing to remove",
+                   f"the registry at {ctx.registry.root}",
+                   "see the report above; restore the damaged files or remove the broken versions")
 
 
 def _verify_remote(ctx: Context, name: str, repair: bool, grace: str) -> None:
@@ -371,17 +363,25 @@ def _verify_remote(ctx: Context, name: str, repair: bool, grace: str) -> None:
     grace_s = parse_duration(grace)
     remote = RemoteRegistry.open(ctx.registry, name)
     repaired = repair_remote(remote, grace_s) if repair else None
+    report = verify_remote(remote)
+    _show_verified(ctx, report, repaired, f"remote {name} {remote.where()}", f"nothing older than {grace} to remove",
+                   f"remote '{name}'", "see the report above; push the damaged versions again from a registry that has them",
+                   first_problem=True)
+
+
+def _show_verified(ctx: Context, report, repaired, where: str, nothing_removed: str, subject: str, hint: str,
+                   first_problem: bool = False) -> None:
+    """What verify found (after what repair removed), the same for a local registry and a remote; exit 1 on a problem."""
     if repaired and not ctx.as_json:
         removed = [f"{len(items)} {kind}" for kind, items in repaired.removed.items()]
-        ctx.emit(None, f"repaired: removed {', '.join(removed)}" if removed else f"repaired: nothing older than {grace} to remove")
-    report = verify_remote(remote)
+        ctx.emit(None, f"repaired: removed {', '.join(removed)}" if removed else f"repaired: {nothing_removed}")
     counts = ", ".join(f"{n} {k}" for k, n in report.checked.items())
     ctx.emit(report.to_dict() | ({"repaired": repaired.to_dict()} if repaired else {}), "\n".join(
-        [f"{'ok' if report.ok else 'FAILED'}: remote {name} {remote.where()} ({counts or 'nothing checked'})"]
+        [f"{'ok' if report.ok else 'FAILED'}: {where} ({counts or 'nothing checked'})"]
         + [f"  ✗ {p}" for p in report.problems] + [f"  · {n}" for n in report.notes]))
     if not report.ok:
-        raise AdapterHubError(f"remote '{name}' has {len(report.problems)} problem(s): {report.problems[0]}",
-                              hint="see the report above; push the damaged versions again from a registry that has them")
+        first = f": {report.problems[0]}" if first_problem else ""
+        raise AdapterHubError(f"{subject} has {len(report.problems)} problem(s){first}", hint=hint)
 
 
 @click.command()

@@ -162,20 +162,17 @@ def _fingerprints(registry, remote: RemoteRegistry, rv: RemoteVersion, given_bas
     """The base and dataset fingerprints this version needs and this registry lacks, read and proven."""
     found = {}
     b, d = rv.record.get("base"), rv.record.get("dataset")
-    if b and b["sha256"] not in registry.bases_by_sha() and not (given_base and given_base.sha256 == b["sha256"]):
-        doc = remote.base_doc(b["sha256"])
+    needed = {"base": b and b["sha256"] not in registry.bases_by_sha() and not (given_base and given_base.sha256 == b["sha256"]),
+              "dataset": d and not any(row["sha256"] == d["sha256"] for row in registry.datasets())}
+    for kind, ref, read, key in (("base", b, remote.base_doc, layout.base_key), ("dataset", d, remote.dataset_doc, layout.dataset_key)):
+        if not needed[kind]:
+            continue
+        doc = read(ref["sha256"])
         if doc is None:
-            raise CorruptRegistryError(f"{rv.remote_ref} names base {b['name']} ({b['sha256'][:12]}), which "
-                                       f"{remote.where(layout.base_key(b['sha256']))} does not hold",
+            raise CorruptRegistryError(f"{rv.remote_ref} names {kind} {ref['name']} ({ref['sha256'][:12]}), which "
+                                       f"{remote.where(key(ref['sha256']))} does not hold",
                                        hint=f"run 'adapterhub verify --remote {remote.name}'; push the version again")
-        found["base"] = doc
-    if d and not any(row["sha256"] == d["sha256"] for row in registry.datasets()):
-        doc = remote.dataset_doc(d["sha256"])
-        if doc is None:
-            raise CorruptRegistryError(f"{rv.remote_ref} names dataset {d['name']} ({d['sha256'][:12]}), which "
-                                       f"{remote.where(layout.dataset_key(d['sha256']))} does not hold",
-                                       hint=f"run 'adapterhub verify --remote {remote.name}'; push the version again")
-        found["dataset"] = doc
+        found[kind] = doc
     return found
 
 
