@@ -207,5 +207,50 @@ def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
          "--checkpoint", checkpoint.name, "--tag", "task=stories", quiet=quiet)
     _cli(registry, "show", removed, quiet=quiet, expect=1)
     _cli(registry, "verify", "--repair", quiet=quiet)
+
+    _step("14. serve: one base in memory, every adapter by name through the OpenAI API, then Ctrl-C", quiet)
+    _serve(registry, quiet)
     if not quiet:
         click.echo(f"\ndone: registry at {registry}; try 'adapterhub --registry {registry} list'")
+
+
+def _serve(registry: Path, quiet: bool) -> None:
+    """Start `adapterhub serve`, ask every adapter of the base one question with the openai client, stop it."""
+    import select
+    import signal
+
+    try:
+        import openai
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        if not quiet:
+            click.echo(f"skipped ({e}): pip install 'adapterhub[serve]' openai")
+        return
+    if not quiet:
+        click.echo("$ adapterhub serve --base tiny-llama --port 0")
+    command = [sys.executable, "-m", "adapterhub.cli", "--registry", str(registry), "--json", "serve",
+               "--base", "tiny-llama", "--port", "0"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = select.select([server.stdout], [], [], 120)[0]
+        line = server.stdout.readline() if ready else ""
+        if not line:
+            raise SystemExit("demo: adapterhub serve did not start")
+        url = json.loads(line)["url"]
+        client = openai.OpenAI(base_url=url, api_key="demo", max_retries=0)
+        if not quiet:
+            click.echo(f"serving on {url}")
+        for ref in [m.id for m in client.models.list().data if m.parent and "@" not in m.id]:
+            answer = client.chat.completions.create(model=ref, messages=[{"role": "user", "content": "what colour is the sky ?"}],
+                                                    temperature=0, max_tokens=6)
+            if not quiet:
+                click.echo(f"  {ref:<24} answered by {answer.model:<26} {answer.choices[0].message.content!r}")
+    finally:
+        server.send_signal(signal.SIGINT)
+        out, err = server.communicate(timeout=60)
+    if server.returncode != 0:
+        raise SystemExit(f"demo: adapterhub serve did not stop cleanly:\n{err}")
+    if not quiet:
+        click.echo(f"access log, one JSON line per request: {err.strip().splitlines()[-1]}")
+        click.echo(f"stopped after {json.loads(out.strip().splitlines()[-1])['requests']} requests")

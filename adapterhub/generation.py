@@ -20,17 +20,20 @@ def load_loreft(registry, version, model):
     return model
 
 
-def templated(tokenizer, prompt: str, use_chat_template: bool = True) -> str | list[int]:
-    """The prompt as the model was tuned to read it, in the form mlx-lm's generate takes.
+def chat_tokens(tokenizer, messages: list[dict]) -> list[int]:
+    """Chat messages as the model was tuned to read them: in the tokenizer's chat template with the assistant's
+    turn opened, encoded without added special tokens (the template writes its own). This is how the
+    mlx_lm.generate command line and mlx-lm's server encode a chat, and how mlx-lm's datasets tokenize training
+    data; `generate` and `serve` both go through here."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
 
-    With a chat template (unless told not to): one user turn with the generation prompt, as token ids
-    without an added BOS, exactly as the mlx_lm.generate command line encodes it and as mlx-lm's
-    datasets tokenize training data. Else the text as given (mlx-lm adds the BOS).
-    """
+
+def templated(tokenizer, prompt: str, use_chat_template: bool = True) -> str | list[int]:
+    """The prompt in the form mlx-lm's generate takes: with a chat template (unless told not to), one user turn
+    as chat_tokens gives it; else the text as given (mlx-lm adds the BOS)."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
+        return chat_tokens(tokenizer, [{"role": "user", "content": prompt}])
     return prompt
 
 

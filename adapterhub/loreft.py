@@ -205,7 +205,7 @@ def _layers(model) -> list:
     return model.layers
 
 
-def _layer_slots(model) -> tuple[list, int]:
+def layer_slots(model) -> tuple[list, int]:
     """The list that holds the decoder layers, and where `model.layers[0]` sits in it.
 
     Models that support pipelining (qwen2, ...) answer `model.layers` with a fresh slice of
@@ -248,7 +248,7 @@ def hidden_size_of(model) -> int:
 
 def apply(model, config: LoReFTConfig) -> list[LoReFTLayer]:
     """Freeze the model and wrap the chosen decoder layers; only the interventions train."""
-    slots, offset = _layer_slots(model)
+    slots, offset = layer_slots(model)
     check_layers(config.layers, len(_layers(model)))
     model.freeze()
     hidden = hidden_size_of(model)

@@ -6,6 +6,7 @@
 - `algebra`: fuse, unfuse, stack, extract
 - `training`: train, runs, checkpoints, generate
 - `evaluate`: eval, compare
+- `serve`: serve (an OpenAI-compatible API over the registry)
 - `ui`: ui (the read-only web page over the registry)
 - `remote`: remote add / list / rm (push, pull and the REMOTE:REF forms live with their commands)
 - `errors`: exceptions to one line and an exit code
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from . import algebra, catalogue, evaluate, exchange, remote, training, ui
+from . import algebra, catalogue, evaluate, exchange, remote, serve, training, ui
 from .context import ENV_REGISTRY, Context, FiniteFloat, accept_global_options_after_commands, registry_path
 from .errors import run
 
@@ -39,7 +40,7 @@ def cli(ctx: click.Context, registry_path: Path | None, as_json: bool, quiet: bo
     ctx.obj = Context(registry_path, as_json, quiet)
 
 
-for _module in (catalogue, exchange, algebra, training, evaluate, ui, remote):
+for _module in (catalogue, exchange, algebra, training, evaluate, serve, ui, remote):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 # After every module has registered its commands, so none is left without them.
