@@ -196,3 +196,25 @@ def parse_ref(text: str) -> Ref:
         return Ref(text, name=name, alias=selector)
     sha = text.lower() if _SHA_PREFIX.fullmatch(text.lower()) else None
     return Ref(text, name=text, sha_prefix=sha)
+
+
+# A remote's name in REMOTE:REF (adapterhub remote add NAME ...).
+_REMOTE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+def is_remote_name(text: str) -> bool:
+    """Whether `text` reads as a remote's name (a Hub repo id always has a '/')."""
+    return _REMOTE_NAME.fullmatch(text) is not None
+
+
+def split_remote_ref(text: str) -> tuple[str, str] | None:
+    """`team:sql-lora@3` -> ("team", "sql-lora@3"); None when `text` names nothing remote.
+
+    A local ref never holds ':' (names, aliases and sha prefixes have no colon), so the colon decides.
+    """
+    remote, sep, ref = text.partition(":")
+    if not sep or not is_remote_name(remote):
+        return None
+    if not ref:
+        raise InvalidNameError(f"'{text}' names a remote but no adapter", hint=f"write it as {remote}:NAME[@VERSION|@ALIAS]")
+    return remote, ref

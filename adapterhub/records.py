@@ -28,7 +28,16 @@ class _Fields:
 
     @classmethod
     def from_dict(cls, doc: dict):
-        return cls(**{f.name: doc[f.name] if f.default is MISSING else doc.get(f.name, f.default) for f in fields(cls)})
+        return cls(*(doc[name] if default is MISSING else doc.get(name, default) for name, default in cls._spec()))
+
+    @classmethod
+    def _spec(cls) -> tuple:
+        # dataclasses.fields() is slow for a call per record per property read, and `list` makes thousands.
+        spec = cls.__dict__.get("_fields_spec")
+        if spec is None:
+            spec = tuple((f.name, f.default) for f in fields(cls))
+            type.__setattr__(cls, "_fields_spec", spec)
+        return spec
 
     def to_dict(self) -> dict:
         out = {}

@@ -10,7 +10,9 @@ from tests.conftest import subprocess_env
 
 
 def _commands(group: click.Group, prefix=()):
-    for name, command in sorted(group.commands.items()):
+    context = click.Context(group)
+    for name in group.list_commands(context):
+        command = group.get_command(context, name)
         if isinstance(command, click.Group):
             yield from _commands(command, (*prefix, name))
         else:
@@ -18,6 +20,29 @@ def _commands(group: click.Group, prefix=()):
 
 
 ALL_COMMANDS = list(_commands(root))
+
+
+def test_every_command_module_is_mapped_and_the_map_is_whole():
+    import importlib
+
+    from adapterhub.cli import COMMAND_MODULES
+
+    for module, names in COMMAND_MODULES.items():
+        assert tuple(c.name for c in importlib.import_module(f"adapterhub.cli.{module}").COMMANDS) == names
+    assert {p[0] for p, _ in ALL_COMMANDS} == {n for names in COMMAND_MODULES.values() for n in names}
+
+
+def test_a_command_imports_its_own_module_only():
+    import subprocess
+    import sys
+
+    code = ("import sys; from adapterhub.cli import main; sys.argv = ['adapterhub', 'show', '--help']\n"
+            "try: main()\nexcept SystemExit: pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('adapterhub.cli.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env()).stdout
+    loaded = out.strip().splitlines()[-1]
+    assert "adapterhub.cli.catalogue" in loaded
+    assert not any(f"adapterhub.cli.{m}'" in loaded for m in ("training", "algebra", "serve", "ui", "remote", "evaluate"))
 
 
 @pytest.mark.parametrize("path,command", ALL_COMMANDS, ids=[" ".join(p) for p, _ in ALL_COMMANDS])

@@ -283,11 +283,8 @@ def test_the_catalogue_rereads_only_the_names_that_changed(registry, lora_adapte
 
 
 def _cli(registry: Path, *args: str) -> subprocess.Popen:
-    # Registers the command itself, so this test runs before and after cli/__init__ lists it.
-    code = ("import sys; from adapterhub.cli import cli, main; from adapterhub.cli.ui import ui; "
-            "cli.commands.setdefault('ui', ui); main()")
-    return subprocess.Popen([sys.executable, "-c", code, "--registry", str(registry), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    return subprocess.Popen([sys.executable, "-m", "adapterhub.cli", "--registry", str(registry), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
 
 
 def test_the_ui_command_serves_the_registry(ui_registry, tmp_path):

@@ -10,7 +10,7 @@ import click
 from ..errors import AdapterHubError
 from ..records import AdapterVersion, EvalResult, unapplied
 from ..registry import Registry
-from ..remote.config import split_remote_ref
+from ..naming import split_remote_ref
 from .context import Context, parse_tags, pass_ctx
 
 
@@ -150,9 +150,9 @@ def import_(ctx: Context, folder: Path, name: str, base_: str | None, dataset: P
 
 
 def _check_sort(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    from ..evaluation import parse_sort
-
     if value is not None:
+        from ..evaluation import parse_sort  # only when sorting: a plain `list` stays off evaluation's imports
+
         try:
             parse_sort(value)
         except AdapterHubError as e:
@@ -180,7 +180,7 @@ def list_(ctx: Context, base_: str | None, kind: str | None, tags: tuple[str, ..
     versions = ctx.registry.list(base_, kind, parse_tags(tags), name_glob)
     if not sort_key:
         ctx.emit([v.to_dict() for v in versions],
-                 "\n".join([header] + [_version_line(v) for v in versions]) if versions else "no adapters match")
+                 lambda: "\n".join([header] + [_version_line(v) for v in versions]) if versions else "no adapters match")
         return
     from ..evaluation import sort_versions
 

@@ -10,6 +10,7 @@ import os
 import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -55,15 +56,16 @@ class Context:
             return nullcontext(lambda n: None)
         return _rich_progress(description, total)
 
-    def emit(self, data, text: str | None = None) -> None:
-        """--json prints `data`; otherwise `text` unless --quiet."""
+    def emit(self, data, text: str | Callable[[], str] | None = None) -> None:
+        """--json prints `data`; otherwise `text` unless --quiet. A long listing passes `text` as a function,
+        so --json never formats the table it does not print."""
         if self.as_json:
             # Indented for a person at a terminal; compact for pipes, where json's C encoder
             # is ten times faster on a long listing (it only runs without indent).
             indent = 2 if sys.stdout.isatty() else None
             click.echo(dump_json(data, "the JSON report", indent=indent))
         elif text is not None and not self.quiet:
-            click.echo(text)
+            click.echo(text() if callable(text) else text)
 
 
 @contextmanager
@@ -128,18 +130,18 @@ def _late_global_option(attribute: str, *decls: str, check=None, **kwargs) -> cl
     return click.Option(decls, expose_value=False, callback=store, **kwargs)
 
 
-def accept_global_options_after_commands(group: click.Group) -> None:
-    """Give every command under `group` the global options; call once, after every command is registered."""
-    for command in group.commands.values():
-        if isinstance(command, click.Group):
-            accept_global_options_after_commands(command)
-            continue
-        command.params += [
-            _late_global_option("registry_path", "--registry", type=click.Path(), check=registry_path,
-                                help="Same as the global --registry."),
-            _late_global_option("as_json", "--json", is_flag=True, help="Same as the global --json."),
-            _late_global_option("quiet", "--quiet", "-q", is_flag=True, help="Same as the global --quiet."),
-        ]
+def accept_global_options(command: click.Command) -> None:
+    """Give `command` (every command under it, for a group) the global options; once per command."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            accept_global_options(sub)
+        return
+    command.params += [
+        _late_global_option("registry_path", "--registry", type=click.Path(), check=registry_path,
+                            help="Same as the global --registry."),
+        _late_global_option("as_json", "--json", is_flag=True, help="Same as the global --json."),
+        _late_global_option("quiet", "--quiet", "-q", is_flag=True, help="Same as the global --quiet."),
+    ]
 
 
 FORCE_OPTION = click.option("--force", is_flag=True,

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import AdapterHubError
-from ..remote.config import is_remote_name, split_remote_ref
+from ..naming import is_remote_name, split_remote_ref
 from .context import FORCE_OPTION, Context, parse_tags, pass_ctx
 
 

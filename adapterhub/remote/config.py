@@ -13,11 +13,11 @@ from pathlib import Path
 
 from ..errors import ConflictError, CorruptRegistryError, InvalidNameError, NotFoundError
 from ..files import read_json, write_json
+from ..naming import is_remote_name
 from ..records import now
 from ..schemas import validate
 
 REMOTES_FILE = "remotes.json"
-_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _PREFIX_PART = re.compile(r"[^/\\\x00\n]+")
 _ENDPOINT = re.compile(r"https?://\S+")
@@ -42,13 +42,8 @@ class Remote:
         return {"name": self.name, "url": self.url, "endpoint_url": self.endpoint_url, "region": self.region}
 
 
-def is_remote_name(text: str) -> bool:
-    """Whether `text` reads as a remote's name (a Hub repo id always has a '/')."""
-    return _NAME.fullmatch(text) is not None
-
-
 def check_remote_name(name: str) -> None:
-    if not _NAME.fullmatch(name):
+    if not is_remote_name(name):
         raise InvalidNameError(f"invalid remote name '{name}': 1–32 lowercase letters, digits, '-' or '_', "
                                "starting with a letter", hint="try 'team' or 'prod-bucket'")
 
@@ -67,19 +62,6 @@ def parse_url(url: str) -> tuple[str, str]:
         raise InvalidNameError(f"the prefix of {url} has an empty, '.' or '..' part",
                                hint="write it as s3://BUCKET/FOLDER/FOLDER")
     return bucket, prefix
-
-
-def split_remote_ref(text: str) -> tuple[str, str] | None:
-    """`team:sql-lora@3` -> ("team", "sql-lora@3"); None when `text` names nothing remote.
-
-    A local ref never holds ':' (names, aliases and sha prefixes have no colon), so the colon decides.
-    """
-    remote, sep, ref = text.partition(":")
-    if not sep or not _NAME.fullmatch(remote):
-        return None
-    if not ref:
-        raise InvalidNameError(f"'{text}' names a remote but no adapter", hint=f"write it as {remote}:NAME[@VERSION|@ALIAS]")
-    return remote, ref
 
 
 class Remotes:
