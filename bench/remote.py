@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adapterhub.registry import Registry  # noqa: E402
 from adapterhub.tinymodel import write_adapter, write_model  # noqa: E402
-from tests.s3_server import BUCKET, SeaweedS3, weed_binary  # noqa: E402
+from adapterhub.remote.local_s3 import BUCKET, SeaweedS3, weed_binary  # noqa: E402
 
 FLOATS_PER_RANK = 4352  # a rank-1 LoRA on every module of the tiny llama's 4 layers
 

@@ -23,7 +23,7 @@ import pytest
 
 from adapterhub.registry import Registry
 from tests.conftest import snapshot, subprocess_env
-from tests.s3_server import BUCKET, SECRET_KEY, SeaweedS3, weed_binary
+from adapterhub.remote.local_s3 import BUCKET, SECRET_KEY, SeaweedS3, weed_binary
 
 
 @pytest.fixture(scope="session")

