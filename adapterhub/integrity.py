@@ -11,7 +11,6 @@ registry lock, and nothing else; problems need a person.
 from __future__ import annotations
 
 import shutil
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +146,8 @@ def repair(registry) -> RepairReport:
 
 def _written_by_live_process(path: Path) -> bool:
     pid = writer_pid(path)
+    import socket
+
     return pid is not None and process_alive(pid, socket.gethostname())
 
 

@@ -7,7 +7,6 @@ under files.check_output's rule, and journalled, so a killed fuse's gigabytes ar
 from __future__ import annotations
 
 import os
-import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -52,6 +51,8 @@ class Outputs:
         it and `verify --repair` remove it. The row goes in before the folder exists and
         leaves after the rename, so no staging folder is ever unaccounted for.
         """
+        import socket  # here, not at the top: list and show never write outputs
+
         out = Path(out).expanduser().absolute()
         protected = (*inputs, *self.protected_paths())
         check_output(out, protected, force)

@@ -6,7 +6,6 @@ A part of `Registry` (it is mixed in); the trainer writes through it.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 from .errors import NotFoundError
@@ -57,6 +56,8 @@ class TrainingRuns:
 
 def process_alive(pid: int | None, host: str | None) -> bool:
     """Whether `pid` on `host` still runs; a process on another host is taken to (it cannot be asked)."""
+    import socket  # here, not at the top: list and show never need it
+
     if host != socket.gethostname() or not pid:
         return True
     try:
