@@ -261,3 +261,178 @@ def test_qlora_on_a_quantized_base(cli, registry, tiny_model_4bit, tiny_data):
     val = version["training"]["losses"]["val"]
     assert val[-1][1] < val[0][1]
     assert registry.base(version["base"]["sha256"])["config"]["quantization"]["bits"] == 4
+
+
+# ---- mlx-lm's other options: schedules, optimizers, gradient checkpointing, memory, trackers -----------------
+
+
+def _mlx_lms_optimizer(tiny_model, tmp_path, monkeypatch, **options):
+    """The optimizer mlx_lm.lora's own train_model builds for `options` (its defaults otherwise), and its LoRA model,
+    caught as train_model hands them to the training loop."""
+    import types
+
+    import mlx_lm.lora as lora
+    from mlx_lm import load
+
+    caught = {}
+    monkeypatch.setattr(lora, "train", lambda **kwargs: caught.update(kwargs))
+    model, _ = load(str(tiny_model))
+    args = types.SimpleNamespace(**{**lora.CONFIG_DEFAULTS, "num_layers": 2, "adapter_path": str(tmp_path / "mlx-lm"),
+                                    **options})
+    lora.train_model(args, model, [], [])
+    return caught["optimizer"], caught["model"].trainable_parameters()
+
+
+def _trajectory(optimizer, parameters, steps: int = 8):
+    """Parameters and learning rates after each of `steps` updates with the same pseudo-random gradients."""
+    from mlx.utils import tree_map
+
+    rates = []
+    for step in range(steps):
+        mx.random.seed(100 + step)
+        gradients = tree_map(lambda p: mx.random.normal(p.shape) * 1e-2, parameters)
+        parameters = optimizer.apply_gradients(gradients, parameters)
+        mx.eval(parameters, optimizer.state)
+        rates.append(optimizer.learning_rate.item())
+    return parameters, rates
+
+
+SCHEDULE = {"name": "cosine_decay", "arguments": [1e-3, 7], "warmup": 3, "warmup_init": 1e-6}
+
+
+@pytest.mark.parametrize("cli_options,yaml_text,mlx_lm_options", [
+    # The schedule from the command line and as mlx-lm's YAML reads it: the same mapping, the same rates.
+    ({"lr_schedule": "cosine_decay", "warmup": 3, "warmup_init": 1e-6, "learning_rate": 1e-3, "iters": 10}, None,
+     {"lr_schedule": SCHEDULE}),
+    ({}, "iters: 10\nlr_schedule:\n  name: linear_schedule\n  arguments: [2e-3, 1e-5, 6]\n  warmup: 2\n",
+     {"lr_schedule": {"name": "linear_schedule", "arguments": [2e-3, 1e-5, 6], "warmup": 2}}),
+    ({"lr_schedule": "exponential_decay:1e-3,0.9"}, None,
+     {"lr_schedule": {"name": "exponential_decay", "arguments": [1e-3, 0.9]}}),
+    ({"lr_schedule": "step_decay:1e-3,0.5,2"}, None,
+     {"lr_schedule": {"name": "step_decay", "arguments": [1e-3, 0.5, 2]}}),
+    ({"optimizer": "adam", "learning_rate": 1e-3}, None, {"optimizer": "adam", "learning_rate": 1e-3}),
+    ({"optimizer": "adamw", "learning_rate": 1e-3}, "optimizer_config:\n  adamw:\n    weight_decay: 0.05\n    betas: [0.8, 0.99]\n",
+     {"optimizer": "adamw", "learning_rate": 1e-3, "optimizer_config": {"adamw": {"weight_decay": 0.05, "betas": [0.8, 0.99]}}}),
+    ({"optimizer": "muon", "learning_rate": 1e-3}, "optimizer_config:\n  muon:\n    momentum: 0.9\n    nesterov: false\n",
+     {"optimizer": "muon", "learning_rate": 1e-3, "optimizer_config": {"muon": {"momentum": 0.9, "nesterov": False}}}),
+    ({"optimizer": "sgd", "learning_rate": 1e-2}, "optimizer_config:\n  sgd:\n    momentum: 0.9\n    nesterov: true\n",
+     {"optimizer": "sgd", "learning_rate": 1e-2, "optimizer_config": {"sgd": {"momentum": 0.9, "nesterov": True}}}),
+    ({"optimizer": "adafactor", "learning_rate": 1e-3},
+     "optimizer_config:\n  adafactor:\n    relative_step: false\n    scale_parameter: false\n    beta_1: 0.9\n",
+     {"optimizer": "adafactor", "learning_rate": 1e-3,
+      "optimizer_config": {"adafactor": {"relative_step": False, "scale_parameter": False, "beta_1": 0.9}}}),
+    ({"optimizer": "adafactor", "lr_schedule": "cosine_decay", "warmup": 2, "iters": 10}, None,
+     {"optimizer": "adafactor", "lr_schedule": {"name": "cosine_decay", "arguments": [1e-5, 8], "warmup": 2}}),
+], ids=["cosine-cli", "linear-yaml", "exponential", "step", "adam", "adamw", "muon", "sgd", "adafactor", "adafactor-cosine"])
+def test_schedules_and_optimizers_update_as_mlx_lms(tiny_model, tmp_path, monkeypatch, cli_options, yaml_text, mlx_lm_options):
+    from adapterhub.training import optimizers
+    from adapterhub.training.config import merge
+
+    config_file = None
+    if yaml_text:
+        config_file = tmp_path / "lora_config.yaml"
+        config_file.write_text(yaml_text)
+    config = merge({"base": "b", "data": "d", "name": "n", **cli_options}, config_file)
+    if "lr_schedule" in mlx_lm_options:
+        assert config.lr_schedule == mlx_lm_options["lr_schedule"]  # mlx-lm's mapping, whichever way it was given
+    theirs, parameters = _mlx_lms_optimizer(tiny_model, tmp_path, monkeypatch, **mlx_lm_options)
+    ours = optimizers.build(config)
+    assert type(ours) is type(theirs)
+    our_parameters, our_rates = _trajectory(ours, parameters)
+    their_parameters, their_rates = _trajectory(theirs, parameters)
+    assert our_rates == their_rates
+    from mlx.utils import tree_flatten
+
+    theirs_flat = dict(tree_flatten(their_parameters))
+    assert all(mx.array_equal(v, theirs_flat[k]).item() for k, v in tree_flatten(our_parameters))
+
+
+def test_a_run_reports_the_schedules_rates_and_peak_memory(registry, tiny_model, tiny_data, tmp_path, monkeypatch):
+    from adapterhub.training.callbacks import TrainingCallback
+    from adapterhub.training.config import merge
+    from adapterhub.training.trainer import Trainer
+
+    reports = []
+
+    class Reports(TrainingCallback):
+        def on_train_report(self, report):
+            reports.append(report)
+
+    config = merge({"base": str(tiny_model), "data": str(tiny_data), "name": "scheduled", "num_layers": 2, "iters": 6,
+                    "steps_per_report": 1, "save_every": 3, "val_batches": 1, "optimizer": "adafactor",
+                    "lr_schedule": "cosine_decay", "warmup": 2, "warmup_init": 1e-6, "learning_rate": 1e-3}, None)
+    version = Trainer(registry, config, callback=Reports()).run()
+    theirs, parameters = _mlx_lms_optimizer(tiny_model, tmp_path, monkeypatch, optimizer="adafactor",
+                                            lr_schedule={"name": "cosine_decay", "arguments": [1e-3, 4], "warmup": 2,
+                                                         "warmup_init": 1e-6})
+    assert [r.learning_rate for r in reports] == _trajectory(theirs, parameters, steps=6)[1]
+    run = registry.run(version.record["training"]["run_id"])
+    assert [s for s, _ in run["peak_memory"]] == [r.step for r in reports] == [1, 2, 3, 4, 5, 6]
+    assert [p for _, p in run["peak_memory"]] == [r.peak_memory for r in reports] and min(r.peak_memory for r in reports) > 0
+    assert version.record["training"]["peak_memory_bytes"] == max(r.peak_memory for r in reports)
+    assert version.record["training"]["hyperparameters"]["lr_schedule"] == {
+        "name": "cosine_decay", "arguments": [1e-3, 4], "warmup": 2, "warmup_init": 1e-6}
+
+
+def _long_rows(folder: Path, rows: int = 4, repeats: int = 40) -> Path:
+    """Text rows of ~240 tokens each: long enough that a layer's stored activations dominate memory."""
+    folder.mkdir()
+    for split in ("train", "valid"):
+        (folder / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"text": " ".join(["the cat sees a box ."] * repeats)}) + "\n" for _ in range(rows)))
+    return folder
+
+
+def test_grad_checkpoint_trains_the_same_adapter_in_less_memory(cli, registry, tiny_model, tmp_path):
+    data = _long_rows(tmp_path / "long")
+    common = ["--base", tiny_model, "--data", data, "--num-layers", "4", "--iters", "2", "--save-every", "2",
+              "--val-batches", "1", "--max-seq-length", "512", "--learning-rate", "1e-3"]
+    code, _, err = cli("train", *common, "--name", "stored")
+    assert code == 0 and "peak memory" in err, err
+    code, _, err = cli("train", *common, "--name", "recomputed", "--grad-checkpoint")
+    assert code == 0, err
+    runs = {r["name"]: r for r in registry.runs()}
+    peak = {name: max(p for _, p in runs[name]["peak_memory"]) for name in runs}
+    assert peak["recomputed"] < 0.8 * peak["stored"], peak  # measured: 30 MB against 54 MB
+    assert runs["recomputed"]["config_sha256"] == runs["stored"]["config_sha256"]  # how it ran, not what it learned
+    assert registry.resolve("recomputed").record["training"]["hyperparameters"]["grad_checkpoint"] is True
+    stored, recomputed = (mx.load(str(registry.weights(registry.resolve(n))), format="safetensors") for n in ("stored", "recomputed"))
+    for k in stored:
+        assert mx.allclose(stored[k], recomputed[k], rtol=1e-5, atol=1e-7).item(), k
+    # Only this model's layers were checkpointed: a model loaded afterwards keeps its layer class.
+    from mlx_lm import load
+
+    from mlx_lm.models.llama import TransformerBlock
+
+    model, _ = load(str(tiny_model))
+    assert all(type(layer) is TransformerBlock for layer in model.layers)
+
+
+def test_report_to_wandb_logs_each_report_when_asked(cli, registry, tiny_model, tiny_data, monkeypatch):
+    import types
+
+    from adapterhub.training import trackers
+
+    calls = {"init": [], "log": [], "summary": {}, "finished": False}
+
+    class Run:
+        summary = calls["summary"]
+
+        def finish(self):
+            calls["finished"] = True
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: calls["init"].append(kwargs) or Run()
+    fake.log = lambda data, step=None: calls["log"].append((step, data))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(trackers, "installed", lambda package: True)
+    code, _, err = cli("train", *options(tiny_model, tiny_data, "--name", "tracked", "--iters", "10", "--save-every", "5",
+                                         "--report-to", "wandb", "--project-name", "stories"))
+    assert code == 0, err
+    run_id = registry.runs()[0]["id"]
+    assert [(c["project"], c["name"]) for c in calls["init"]] == [("stories", run_id)]
+    assert calls["init"][0]["config"]["report_to"] == "wandb"
+    train_steps = [step for step, data in calls["log"] if "train_loss" in data]
+    assert train_steps == [5, 10] and all("peak_memory_gb" in d for _, d in calls["log"] if "train_loss" in d)
+    assert [step for step, data in calls["log"] if "val_loss" in data] == [1, 5, 10]
+    assert calls["summary"]["version"] == "tracked@1" and calls["finished"]

@@ -59,6 +59,24 @@ REFUSED = [
     ((_config(lr_schedule={"name": "no_such_schedule", "arguments": [1e-3]}),), "is not one mlx-lm can build"),
     ((_config(lr_schedule={"name": "linear_schedule", "arguments": [1e-3, float("nan"), 10]}),), "must be finite"),
     (({"lora_parameters": 8},), "lora_parameters must be a mapping"),
+    # Schedules, optimizers and trackers: mlx-lm would find these only when it builds the optimizer.
+    ((_config(lr_schedule={"name": "cosine_decay", "arguments": [1e-3, 10], "warmup": -1}),),
+     "lr_schedule warmup must be a whole number of steps, 0 or more (got -1)"),
+    ((_config(lr_schedule={"name": "cosine_decay", "arguments": [1e-3, 10], "warmup_init": float("nan")}),),
+     "lr_schedule warmup_init must be a finite rate"),
+    (("--warmup", "5"), "--warmup and --warmup-init warm up into a schedule, and none is given"),
+    (("--lr-schedule", "exponential_decay"), "--lr-schedule exponential_decay needs its arguments"),
+    (("--lr-schedule", "cosine_decay:fast,10"), "--lr-schedule cosine_decay:fast,10: the arguments must be numbers"),
+    (("--lr-schedule", "no_such_schedule:1e-3"), "is not one mlx-lm can build"),
+    ((_config(optimizer="adamw", optimizer_config={"adamw": {"weight_decy": 0.1}}),),
+     "optimizer_config.adamw has weight_decy, which mlx.optimizers.AdamW does not take"),
+    ((_config(optimizer_config={"adamx": {"eps": 1e-8}}),), "optimizer_config names 'adamx', not one of mlx-lm's optimizers"),
+    ((_config(optimizer="sgd", optimizer_config={"sgd": {"momentum": float("nan")}}),),
+     "optimizer_config.sgd.momentum must be a finite number, got nan"),
+    ((_config(optimizer="muon", optimizer_config={"muon": 0.9}),), "optimizer_config.muon must be a mapping of keyword arguments"),
+    ((_config(optimizer="rmsprop"),), "--optimizer rmsprop is not one of mlx-lm's (adam, adamw, muon, sgd, adafactor)"),
+    ((_config(report_to="tensorboard"),), "--report-to tensorboard is not supported (wandb)"),
+    ((_config(grad_checkpoint="yes"),), "--grad-checkpoint must be true or false, got 'yes'"),
     # Options that depend on the model or the data: checked from config.json and the files, before loading.
     (("--num-layers", "9"), "--num-layers 9 but the base has 4 layers"),
     (("--batch-size", "32"), "valid.jsonl has 16 examples, fewer than --batch-size 32"),
@@ -167,3 +185,14 @@ def test_checkpoints_without_a_measured_loss_never_rank_best(tmp_path):
     found = checkpoints.listing(tmp_path)
     assert [c.val_loss for c in found] == [None, 0.5, None, 0.9]
     assert checkpoints.retained(found, 0, 2, None) == {4: ["best"], 8: ["best"]}
+
+
+def test_report_to_wandb_without_wandb_is_refused_before_anything_loads(cli, registry, tiny_model, tiny_data, monkeypatch):
+    from adapterhub.training import trackers
+
+    monkeypatch.setattr(trackers, "installed", lambda package: False)
+    monkeypatch.setattr("mlx_lm.load", lambda *_, **__: pytest.fail("the model was loaded before the options were checked"))
+    before = snapshot(registry.root)
+    assert_refused(cli("train", "--base", tiny_model, "--data", tiny_data, "--name", "never", "--report-to", "wandb"),
+                   "--report-to wandb needs the wandb package, which is not installed here — pip install wandb", before, registry)
+    assert registry.runs() == []

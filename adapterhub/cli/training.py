@@ -8,7 +8,14 @@ from pathlib import Path
 
 import click
 
-from .context import COUNT, Context, parse_tags, pass_ctx, train_number
+from ..errors import AdapterHubError
+from ..training.optimizers import OPTIMIZERS, SCHEDULE_HELP
+from .context import COUNT, Context, FiniteFloat, parse_tags, pass_ctx, train_number
+
+
+def _size(count: int) -> str:
+    """Bytes as mlx-lm reports memory (decimal GB), in MB below one GB."""
+    return f"{count / 1e9:.2f} GB" if count >= 1e9 else f"{count / 1e6:.1f} MB"
 
 
 def _report_lines():
@@ -18,7 +25,7 @@ def _report_lines():
     class Lines(TrainingCallback):
         def on_train_report(self, r) -> None:
             click.echo(f"step {r.step}/{r.iters}: train loss {r.train_loss:.4f}, {r.tokens_per_second:.0f} tok/s, "
-                       f"lr {r.learning_rate:.2e}", err=True)
+                       f"lr {r.learning_rate:.2e}, peak memory {_size(r.peak_memory)}", err=True)
 
         def on_val_report(self, step: int, val_loss: float) -> None:
             click.echo(f"step {step}: validation loss {val_loss:.4f}", err=True)
@@ -47,7 +54,8 @@ def _progress_bar(bar, task):
             self.val = f"val {val_loss:.3f}"
 
         def on_train_report(self, r) -> None:
-            bar.update(task, completed=r.step, status=f"loss {r.train_loss:.3f} · {r.tokens_per_second:.0f} tok/s {self.val}")
+            bar.update(task, completed=r.step, status=f"loss {r.train_loss:.3f} · {r.tokens_per_second:.0f} tok/s · "
+                                                      f"{_size(r.peak_memory)} {self.val}")
 
         def on_resume(self, step: int) -> None:
             bar.update(task, completed=step, status=self.val)
@@ -86,7 +94,11 @@ def _training_callback(ctx: Context, iters: int):
 @click.option("--batch-size", type=train_number("batch_size"))
 @click.option("--learning-rate", type=train_number("learning_rate"),
               help="Learning rate (default 1e-5 as in mlx-lm; 4e-3 for --kind loreft, in pyreft's range).")
-@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]))
+@click.option("--lr-schedule", metavar="NAME[:ARGS]", help=SCHEDULE_HELP + ".")
+@click.option("--warmup", type=click.IntRange(0), help="Steps of linear warm-up into --lr-schedule (mlx-lm's warmup).")
+@click.option("--warmup-init", type=FiniteFloat(0), help="Learning rate the warm-up starts from (default 0).")
+@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)),
+              help="As mlx-lm's; their keyword arguments go in --config under optimizer_config.")
 @click.option("--max-seq-length", type=train_number("max_seq_length"))
 @click.option("--grad-accumulation-steps", type=train_number("grad_accumulation_steps"))
 @click.option("--mask-prompt", is_flag=True, default=None)
@@ -94,6 +106,9 @@ def _training_callback(ctx: Context, iters: int):
 @click.option("--val-batches", type=train_number("val_batches"))
 @click.option("--steps-per-eval", type=train_number("steps_per_eval"))
 @click.option("--steps-per-report", type=train_number("steps_per_report"))
+@click.option("--grad-checkpoint", is_flag=True, default=None, help="Recompute each layer in the backward pass: less memory, more time.")
+@click.option("--report-to", type=click.Choice(["wandb"]), help="Also log to Weights & Biases (needs the wandb package).")
+@click.option("--project-name", help="--report-to project (default: the adapter name).")
 @click.option("--save-every", type=train_number("save_every"))
 @click.option("--keep-last", type=train_number("keep_last"), help="Keep the newest K checkpoints (default 3).")
 @click.option("--keep-best", type=train_number("keep_best"), help="Keep the best M checkpoints by validation loss (default 1).")
@@ -108,19 +123,34 @@ def _training_callback(ctx: Context, iters: int):
 @pass_ctx
 def train(ctx: Context, config_file: Path | None, tags: tuple[str, ...], resume_id: str | None, base_: str | None,
           data: Path | None, **options) -> None:
-    """Train a new adapter version with the bundled MLX trainer."""
-    from ..training import trainer
+    """Train a new adapter version with the bundled MLX trainer (data-parallel under mlx.launch)."""
+    from ..training import distributed, trainer
     from ..training.config import merge
 
-    if resume_id:
-        record = ctx.registry.run(resume_id)
-        with _training_callback(ctx, record["iters"]) as callback:
-            version = trainer.resume(ctx.registry, resume_id, callback)
-    else:
-        cli_options = dict(options, base=base_, data=str(data) if data else None, tags=parse_tags(tags) or None)
-        config = merge(cli_options, config_file)
-        with _training_callback(ctx, config.iters) as callback:
-            version = trainer.train(ctx.registry, config, callback)
+    world = distributed.init()
+    try:
+        # Under mlx.launch, rank 0 alone opens the registry, reports and prints the result.
+        registry = ctx.registry if world.writes else None
+        if resume_id:
+            iters = registry.run(resume_id)["iters"] if registry else 0
+            with _training_callback(ctx, iters) as callback:
+                version = trainer.resume(registry, resume_id, callback, world)
+        else:
+            cli_options = dict(options, base=base_, data=str(data) if data else None, tags=parse_tags(tags) or None)
+            config, error = None, None
+            try:
+                config = merge(cli_options, config_file)
+            except AdapterHubError as e:
+                error = e
+            distributed.refuse_together(world, error)  # every rank refuses a bad command line, rank 0 says why
+            with _training_callback(ctx, config.iters) as callback:
+                version = trainer.train(registry, config, callback, world)
+    except distributed.PeerRefusal:
+        if world.writes:
+            raise
+        sys.exit(1)  # rank 0 prints the one error line
+    if version is None:
+        return
     losses = version.record["training"]["losses"]
     val = losses.get("val") or []
     change = f", validation loss {val[0][1]:.4f} -> {val[-1][1]:.4f}" if len(val) > 1 else ""

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..errors import AdapterHubError, IncompatibleError
 from ..ranges import Range, problem
+from . import optimizers
+from .optimizers import normalized_config
 
 MLX_LM_LEARNING_RATE = 1e-5
 # mlx-lm's 1e-5 barely moves a LoReFT edit in a hundred steps; pyreft's examples train with 9e-4 to 4e-3.
@@ -69,8 +70,10 @@ class TrainConfig:
     batch_size: int = 4
     # None: mlx-lm's 1e-5, or LOREFT_LEARNING_RATE for --kind loreft.
     learning_rate: float | None = None
+    # mlx-lm's YAML shapes: {name, arguments, warmup, warmup_init} and {optimizer name: keyword arguments}.
     lr_schedule: dict | None = None
     optimizer: str = "adam"
+    optimizer_config: dict = field(default_factory=dict)
     max_seq_length: int = 2048
     grad_accumulation_steps: int = 1
     mask_prompt: bool = False
@@ -89,11 +92,16 @@ class TrainConfig:
     positions: str = "f1+l1"
     share_weights: bool = False
     activation: str = "linear"
+    # How the run is carried out, not what it learns: none of these enters the config hash.
+    grad_checkpoint: bool = False
+    report_to: str | None = None
+    project_name: str | None = None
 
     def __post_init__(self):
         if self.learning_rate is None:
             default = LOREFT_LEARNING_RATE if self.kind == "loreft" else MLX_LM_LEARNING_RATE
             object.__setattr__(self, "learning_rate", default)
+        object.__setattr__(self, "optimizer_config", normalized_config(self.optimizer, self.optimizer_config))
 
     def layers_to_train(self, model_layers: int) -> int:
         """The number of decoder layers LoRA/DoRA wraps on a model with `model_layers`, as mlx-lm counts them."""
@@ -111,9 +119,12 @@ class TrainConfig:
         return asdict(self)
 
     def sha256(self) -> str:
-        """Identity of what shapes the weights (retention options and tags do not)."""
-        ignored = {"keep_last", "keep_best", "keep_every", "tags", "steps_per_report", "name"}
+        """Identity of what shapes the weights (retention options, tags and how the run is carried out do not)."""
+        ignored = {"keep_last", "keep_best", "keep_every", "tags", "steps_per_report", "name", "grad_checkpoint",
+                   "report_to", "project_name"}
         doc = {k: v for k, v in self.to_dict().items() if k not in ignored}
+        if not doc["optimizer_config"]:
+            del doc["optimizer_config"]  # runs recorded before optimizer_config existed keep their hash
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
     def adapter_config(self, loreft: dict | None = None) -> dict:
@@ -127,6 +138,9 @@ class TrainConfig:
             "max_seq_length": self.max_seq_length, "grad_accumulation_steps": self.grad_accumulation_steps,
             "mask_prompt": self.mask_prompt, "seed": self.seed, "steps_per_eval": self.steps_per_eval,
             "val_batches": self.val_batches, "save_every": self.save_every,
+            # Only when set, so an adapter trained without them keeps the adapter_config.json it always had.
+            **({"optimizer_config": self.optimizer_config} if self.optimizer_config else {}),
+            **({"grad_checkpoint": True} if self.grad_checkpoint else {}),
         }
         if self.kind == "loreft":
             return {**training, "loreft_parameters": loreft}
@@ -143,7 +157,7 @@ class TrainConfig:
             problem = range_problem(name, value)
             if problem:
                 problems.append(problem)
-        for name in ("mask_prompt", "share_weights"):
+        for name in ("mask_prompt", "share_weights", "grad_checkpoint"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{option_name(name)} must be true or false, got {getattr(self, name)!r}")
         if problems:
@@ -162,31 +176,13 @@ class TrainConfig:
                 problems.append(f"--activation {self.activation} is not one of {', '.join(ACTIVATIONS)}")
             if not self.mask_prompt:
                 problems.append("LoReFT edits prompt positions and learns the completion: it needs prompt/completion data")
-        if self.optimizer not in ("adam", "adamw", "sgd"):
-            problems.append(f"--optimizer {self.optimizer} is not supported (adam, adamw, sgd)")
+        problems.extend(optimizers.problems(self))
+        if self.report_to not in (None, "", "wandb"):
+            problems.append(f"--report-to {self.report_to} is not supported (wandb)")
         if self.save_every % self.grad_accumulation_steps:
             problems.append("--save-every must be a multiple of --grad-accumulation-steps, so checkpoints fall on updates")
-        if self.lr_schedule is not None:
-            problems.extend(_schedule_problems(self.lr_schedule, self.iters))
         if problems:
             raise AdapterHubError("; ".join(problems), hint="fix the training options")
-
-
-def _schedule_problems(schedule, iters: int) -> list[str]:
-    """mlx-lm builds the schedule only after the model loaded: build it here, and sample it, to fail first."""
-    import mlx.core as mx
-    from mlx_lm.tuner.utils import build_schedule
-
-    if not isinstance(schedule, dict) or not isinstance(schedule.get("arguments"), list) or not schedule["arguments"]:
-        return [f"lr_schedule must be a mapping with name and arguments, as in mlx-lm's config (got {schedule!r})"]
-    try:
-        fn = build_schedule(schedule)
-        rates = [float(fn(mx.array(step))) for step in (0, 1, iters // 2, iters)]
-    except Exception as e:  # any mistake in the mapping: a name mlx has no schedule for, wrong arguments
-        return [f"lr_schedule {schedule!r} is not one mlx-lm can build ({type(e).__name__}: {e})"]
-    if not all(math.isfinite(r) and r >= 0 for r in rates):
-        return [f"lr_schedule {schedule!r} gives learning rates {rates}: they must be finite and not negative"]
-    return []
 
 
 def from_yaml(path: Path) -> dict:
@@ -202,7 +198,7 @@ def from_yaml(path: Path) -> dict:
         raise AdapterHubError(f"{path} is not a YAML mapping", hint="give a YAML file like mlx-lm's lora_config.yaml")
     options = {}
     renames = {"fine_tune_type": "kind", "model": "base", "adapter_path": None, "train": None, "test": None,
-               "resume_adapter_file": None, "test_batches": None, "config": None, "grad_checkpoint": None}
+               "resume_adapter_file": None, "test_batches": None, "config": None}
     known = {f.name for f in fields(TrainConfig)}
     for key, value in doc.items():
         if key == "lora_parameters":
@@ -218,7 +214,15 @@ def from_yaml(path: Path) -> dict:
 
 
 def merge(cli: dict, yaml_path: Path | None) -> TrainConfig:
-    """CLI options beat the YAML file, which beats the defaults (mlx-lm's, but LoReFT's learning rate)."""
+    """CLI options beat the YAML file, which beats the defaults (mlx-lm's, but LoReFT's learning rate).
+
+    The command line may give the schedule as `lr_schedule` (NAME or NAME:ARG,...), `warmup` and
+    `warmup_init`; they become mlx-lm's lr_schedule mapping, over the file's.
+    """
+    cli = dict(cli)
+    # A mapping (from Python) is mlx-lm's lr_schedule itself; text is the command line's NAME[:ARGS].
+    names = ("lr_schedule", "warmup", "warmup_init") if not isinstance(cli.get("lr_schedule"), dict) else ("warmup", "warmup_init")
+    schedule = {"lr_schedule": None, **{k: cli.pop(k, None) for k in names}}
     options = from_yaml(yaml_path) if yaml_path else {}
     options.update({k: v for k, v in cli.items() if v is not None})
     missing = [k for k in ("base", "data", "name") if not options.get(k)]
@@ -227,6 +231,10 @@ def merge(cli: dict, yaml_path: Path | None) -> TrainConfig:
     if options.get("kind") == "loreft":
         options["mask_prompt"] = True  # the loss is on the completion, the edit on the prompt
     config = TrainConfig(**options)
+    if any(v is not None for v in schedule.values()):
+        config = replace(config, lr_schedule=optimizers.schedule_from_options(
+            config.lr_schedule, schedule["lr_schedule"], schedule["warmup"], schedule["warmup_init"],
+            config.learning_rate, config.iters))
     config.check()
     return config
 

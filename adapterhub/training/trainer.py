@@ -1,68 +1,36 @@
 """The training loop: mlx-lm's building blocks, our loop, so checkpoints and exact resume are ours.
 
-Model loading, LoRA/DoRA layers, datasets, batching, the loss and the
-compiled step are mlx-lm's. What we own: batches are drawn from a private
-numpy state (mlx-lm's validation draws from the global one), every step
-re-seeds MLX's random state from (seed, step), and checkpoints carry the
-optimizer state, so a run resumed from step N continues exactly as if it had
-never stopped.
+Model loading, LoRA/DoRA layers, datasets, batching, the loss and the compiled step are
+mlx-lm's. What we own: batches are drawn from a private numpy state (mlx-lm's validation draws
+from the global one), every step re-seeds MLX's random state from (seed, step), and checkpoints
+carry the optimizer state, so a run resumed from step N continues exactly as if it had never
+stopped.
+
+Under mlx.launch the same loop runs on every rank (distributed.py): rank 0 plans, checks and
+writes; every rank trains its slice of each global batch; the data position and the seeds are
+global, so exact resume holds there too.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 
-from ..errors import AdapterHubError, IncompatibleError, NotFoundError
-from ..fingerprint import fingerprint_dataset
+from ..errors import AdapterHubError, IncompatibleError
+from ..fingerprint import fingerprint_dataset, fingerprint_model
 from ..files import write_json
 from ..records import ParentEdge, now
-from . import checkpoints
-from .callbacks import TrainingCallback, TrainReport
+from . import checkpoints, distributed, optimizers, preflight, trackers
+from .callbacks import Fanout, TrainingCallback, TrainReport
 from .config import TrainConfig
-from .data import DataError, validate as validate_data
-
-
-
-@dataclass
-class _Batches:
-    """mlx-lm's iterate_batches on a private numpy random state, so evaluation cannot shift the order."""
-
-    iterator: object
-    state: tuple | None = None
-
-    def __next__(self):
-        import numpy as np
-
-        outer = np.random.get_state()
-        if self.state is not None:
-            np.random.set_state(self.state)
-        try:
-            return next(self.iterator)
-        finally:
-            self.state = np.random.get_state()
-            np.random.set_state(outer)
-
-
-def _refuse_dora_on_experts(tensors: dict, first_layer: int) -> None:
-    """mlx-lm wraps every linear and expert layer of the trained layers, and has no DoRA for experts: it would
-    raise mid-build ("SwitchLinear doesn't support DoRA yet"). Refused here, from the weight header, before anything loads."""
-    import re
-
-    experts = sorted(name[: -len(".weight")] for name, (_, shape) in tensors.items()
-                     if name.endswith(".weight") and len(shape) == 3
-                     and (m := re.search(r"(?:^|\.)layers\.(\d+)\.", name)) and int(m.group(1)) >= first_layer)
-    if experts:
-        raise IncompatibleError("--kind dora: mlx-lm has no DoRA for the expert layers of a mixture of experts "
-                                f"(SwitchLinear doesn't support DoRA yet), and the trained layers hold {len(experts)} "
-                                f"({experts[0]}" + (", …)" if len(experts) > 1 else ")"),
-                                hint="train --kind lora on this model")
+from .data import DataError
+from .steps import Batches, checkpoint_gradients, compile_step
 
 
 def new_run_id(name: str) -> str:
@@ -79,69 +47,95 @@ def _versions() -> dict:
     return {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "adapterhub": __version__}
 
 
-class Trainer:
-    """One training run, new or resumed."""
+def step_seed(seed: int, step: int, world) -> int:
+    """MLX's seed for one step on one rank: dropout masks depend on the step alone, and on the rank, so ranks
+    draw different masks. With one process these are the seeds runs always had, so older runs resume exactly."""
+    return (seed * 1_000_003 + step) * world.size + world.rank
 
-    def __init__(self, registry, config: TrainConfig, run_id: str | None = None, callback: TrainingCallback | None = None):
-        self.registry = registry
+
+class Trainer:
+    """One training run, new or resumed, in this process (one rank of several under mlx.launch)."""
+
+    def __init__(self, registry, config: TrainConfig | None, run_id: str | None = None,
+                 callback: TrainingCallback | None = None, world: distributed.World | None = None):
+        self.registry = registry  # used by rank 0 alone: the other ranks may have no registry at all
         self.config = config
+        self.world = world or distributed.init()
         self.run_id = run_id or new_run_id(config.name)
-        self.run_dir = registry.root / "runs" / self.run_id
-        self.callback = callback or TrainingCallback()
+        # Only rank 0 reports, as only rank 0 writes: N copies of each report line would say nothing more.
+        self.callback = (callback or TrainingCallback()) if self.world.writes else TrainingCallback()
+        self.parent, self.latest, self.start_step = None, None, 0
+
+    @property
+    def run_dir(self) -> Path:
+        return self.registry.root / "runs" / self.run_id
 
     # ---- set-up: everything checked before the run is recorded ----------------
 
     def prepare(self) -> None:
         """Every check that needs no model: a refused run loads nothing and writes nothing."""
-        config = self.config
-        config.check()  # again here: a library caller may build a TrainConfig without merge()
-        self.examples = validate_data(Path(config.data), config.mask_prompt)
-        for split, count in self.examples.items():
-            # mlx-lm's iterate_batches refuses a split smaller than a batch: valid at the first evaluation,
-            # test only after the last step, both long after the run was recorded.
-            if count < config.batch_size:
-                raise AdapterHubError(f"{split}.jsonl has {count} examples, fewer than --batch-size {config.batch_size}",
-                                      hint=f"add examples to {split}.jsonl or lower --batch-size")
-        from .. import naming
+        checked = preflight.check(self.registry, self.config, self.world.size)
+        self.base, self.base_fp, self.base_path = checked.base, checked.base.fingerprint, checked.base.path
+        self.dataset_fp, self.parent = checked.dataset_fp, checked.parent
 
-        naming.check_name(config.name, self.registry.policy, config.tags)
-        self.base = self.registry.resolve_base(config.base)
-        self.base_fp = self.base.fingerprint
-        model_layers = (self.base_fp.get("config") or {}).get("num_hidden_layers")
-        if isinstance(model_layers, int):  # the model checks its own layers again once loaded
-            if config.kind == "loreft":
-                from .. import loreft
+    def _plan(self, resume: bool) -> dict:
+        """Rank 0: every check, then what the other ranks need to follow it."""
+        if resume:
+            record = preflight.resumable(self.registry, self.run_id)
+            self.config = TrainConfig(**record["config"])
+        self.prepare()
+        if resume:
+            kept = checkpoints.listing(self.run_dir) if record["step"] else []
+            self.latest = kept[-1] if kept else None
+            self.start_step = self.latest.step if self.latest else 0
+        return {"config": self.config.to_dict(), "run_id": self.run_id, "base": str(self.base_path),
+                "start_step": self.start_step}
 
-                loreft.check_layers(loreft.parse_layers(config.layers, model_layers), model_layers)
-            else:
-                wrapped = config.layers_to_train(model_layers)
-                if config.kind == "dora":
-                    _refuse_dora_on_experts(self.base_fp.get("tensors") or {}, model_layers - wrapped)
-        self.base_path = self.base.path
-        self.dataset_fp = fingerprint_dataset(Path(config.data))
-        self.parent = self.registry.resolve(config.from_ref) if config.from_ref else None
-        if self.parent:
-            recorded = self.parent.record.get("base")
-            if recorded and recorded["structure_sha256"] != self.base_fp["structure_sha256"]:
-                raise IncompatibleError(f"--from {self.parent.ref} was trained on base {recorded['name']}, "
-                                        f"whose structure differs from {config.base}", hint="train from it on its own base")
-            if self.parent.record["kind"] != config.kind or self.parent.record["rank"] != config.rank:
-                raise IncompatibleError(
-                    f"--from {self.parent.ref} is {self.parent.record['kind']} rank {self.parent.record['rank']}, "
-                    f"this run is {config.kind} rank {config.rank}",
-                    hint=f"pass --kind {self.parent.record['kind']} --rank {self.parent.record['rank']}")
+    def _follow(self, plan: dict) -> None:
+        """Ranks other than 0: rank 0's plan, which must be what this rank was asked to run."""
+        asked, self.config = self.config, TrainConfig(**plan["config"])
+        self.run_id, self.base_path, self.start_step = plan["run_id"], Path(plan["base"]), plan["start_step"]
+        # Compared as rank 0 sent it, through JSON, where a tuple of the library's caller is a list.
+        ours, theirs = json.loads(json.dumps(asked.to_dict())) if asked else None, self.config.to_dict()
+        if ours is not None and ours != theirs:
+            differing = sorted(k for k in ours if ours[k] != theirs.get(k))
+            raise AdapterHubError(f"its training options differ from rank 0's ({', '.join(differing)})",
+                                  hint="launch every rank with the same command line and --config file")
+
+    def _agree(self, resume: bool) -> None:
+        """Rank 0 plans; every rank checks its own base and data against rank 0's; all go on, or all refuse."""
+        world, error, plan = self.world, None, None
+        if world.writes:
+            try:
+                plan = self._plan(resume)
+            except BaseException as e:  # the other ranks wait for the plan: they must hear about any failure
+                error = e
+        distributed.refuse_together(world, error)
+        if not world.distributed:
+            return
+        plan, mine = world.share(plan), None
+        try:
+            if not world.writes:
+                self._follow(plan)
+            mine = {"base": fingerprint_model(self.base_path)["sha256"],
+                    "data": fingerprint_dataset(Path(self.config.data))["sha256"], "versions": _versions()}
+        except BaseException as e:
+            error = e
+        distributed.refuse_together(world, error)
+        distributed.check_same_inputs(world, mine)
 
     def build(self):
         import mlx.core as mx
-        import mlx.optimizers as optim
         from mlx_lm import load
         from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
-        from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
+        from mlx_lm.tuner.utils import linear_to_lora_layers
         from types import SimpleNamespace
 
         config = self.config
         mx.random.seed(config.seed)
         model, tokenizer = load(str(self.base_path))
+        if config.grad_checkpoint:
+            checkpoint_gradients(model)
         self.loreft_config = None
         if config.kind == "loreft":
             from .. import loreft
@@ -166,10 +160,8 @@ class Trainer:
         except ValueError as e:
             raise DataError(f"{config.data} cannot be tokenized for this base: {e}".split("For information")[0].strip(),
                             hint="completions and chat data need a tokenizer with a chat template; use text data otherwise") from None
-        learning_rate = build_schedule(config.lr_schedule) if config.lr_schedule else config.learning_rate
-        optimizer = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}[config.optimizer](learning_rate=learning_rate)
         self.test_set = CacheDataset(test) if len(test) else None
-        return model, tokenizer, CacheDataset(train), CacheDataset(valid) if len(valid) else None, optimizer
+        return model, tokenizer, CacheDataset(train), CacheDataset(valid) if len(valid) else None, optimizers.build(config)
 
     def _load_parent(self, model) -> None:
         import mlx.core as mx
@@ -187,26 +179,49 @@ class Trainer:
                 hint=f"use the parent's targets and layers: --num-layers {self.parent.record['num_layers']} --rank {self.parent.record['rank']}")
         model.load_weights(list(weights.items()), strict=False)
 
+    def _together(self, work):
+        """`work()`'s result; when it fails on any rank, every rank stops, so none waits in a collective for it."""
+        result, error = None, None
+        try:
+            result = work()
+        except BaseException as e:
+            error = e
+        distributed.refuse_together(self.world, error)
+        return result
+
+    def _set_up(self):
+        """The model, data and optimizer (every rank), rank 0's trackers."""
+        built = self.build()
+        if self.world.writes:
+            found = trackers.callbacks_for(self.config, self.run_id)
+            self.callback = Fanout(self.callback, *found) if found else self.callback
+        return built
+
     # ---- the run --------------------------------------------------------------
 
     def run(self, resume: bool = False):
-        """Train to the end and register the result; returns the new AdapterVersion."""
-        if not resume:
-            self.prepare()
-        model, tokenizer, train_set, valid_set, optimizer = self.build()
-        record = self._start_record(resume)
+        """Train to the end and register the result; returns the new AdapterVersion (None on ranks other than 0)."""
+        self._agree(resume)
+        model, tokenizer, train_set, valid_set, optimizer = self._together(self._set_up)
+        record = self._together(lambda: self._start_record(resume) if self.world.writes else None)
         try:
             version = self._loop(model, optimizer, train_set, valid_set, record)
-        except KeyboardInterrupt:
-            self.registry.update_run(self.run_id, status="interrupted", pid=None)
+        except (KeyboardInterrupt, BrokenPipeError):
+            # Ctrl-C, a killed mlx.launch, or a closed pipe to whoever watched: stopped from outside, resumable.
+            self._record_end(status="interrupted", pid=None)
             raise
         except BaseException:
-            self.registry.update_run(self.run_id, status="failed", pid=None, finished_at=now())
+            self._record_end(status="failed", pid=None, finished_at=now())
             raise
         return version
 
+    def _record_end(self, **fields) -> None:
+        if self.world.writes:
+            self.registry.update_run(self.run_id, **fields)
+
     def _start_record(self, resume: bool) -> dict:
-        fields = {"status": "running", "pid": os.getpid(), "host": socket.gethostname()}
+        fields = {"status": "running", "pid": os.getpid(), "host": socket.gethostname(),
+                  "processes": self.world.size, "backend": self.world.backend}
         if resume:
             return self.registry.update_run(self.run_id, **fields)
         self.run_dir.mkdir(parents=True, exist_ok=False)
@@ -219,7 +234,7 @@ class Trainer:
             "dataset": {"name": self.registry.dataset_name_for(self.dataset_fp, Path(self.config.data)),
                         "sha256": self.dataset_fp["sha256"], "examples": self.dataset_fp["examples"]},
             "parent": self.parent.ref if self.parent else None, "result": None, "losses": {"train": [], "val": []},
-            "trained_tokens": 0, "train_seconds": 0.0, "started_at": now(), "finished_at": None, **fields,
+            "peak_memory": [], "trained_tokens": 0, "train_seconds": 0.0, "started_at": now(), "finished_at": None, **fields,
         })
 
     def _base_name(self) -> str:
@@ -227,73 +242,64 @@ class Trainer:
 
         return self.base.name or naming.suggest_name(self.base_path.resolve().name)
 
-    def _loop(self, model, optimizer, train_set, valid_set, record: dict):
+    def _restore(self, model, optimizer, record: dict | None) -> dict:
+        """Weights and optimizer state at the start step, the same on every rank; returns what the record held."""
         import mlx.core as mx
-        import mlx.nn as nn
+        from mlx.utils import tree_flatten, tree_unflatten
+
+        progress = {"losses": {"train": [], "val": []}, "peak_memory": [], "trained_tokens": 0, "train_seconds": 0.0}
+        if record:
+            progress.update({k: record.get(k) or progress[k] for k in progress})
+        if self.latest:
+            model.load_weights(list(mx.load(str(self.latest.path)).items()), strict=False)
+        # The optimizer state exists before the step is compiled: made lazily by the first update, it would
+        # change the compiled step's inputs and have it traced twice.
+        optimizer.init(model.trainable_parameters())
+        if self.latest:
+            optimizer.state = tree_unflatten(list(mx.load(str(self.latest.state_path)).items()))
+        if self.world.distributed:
+            # Only rank 0 read the registry (a parent's weights, a checkpoint): every rank starts from its arrays.
+            model.load_weights(list(tree_flatten(self.world.share_tree(model.trainable_parameters()))), strict=False)
+            optimizer.state = self.world.share_tree(optimizer.state)
+        if self.start_step:
+            progress["losses"] = {k: [p for p in v if p[0] <= self.start_step] for k, v in progress["losses"].items()}
+            progress["peak_memory"] = [p for p in progress["peak_memory"] if p[0] <= self.start_step]
+            self.callback.on_resume(self.start_step)
+        return progress
+
+    def _loop(self, model, optimizer, train_set, valid_set, record: dict | None):
+        import mlx.core as mx
         import numpy as np
-        from mlx.utils import tree_map, tree_unflatten
         from mlx_lm.tuner.trainer import evaluate, iterate_batches
 
         from .. import loreft
 
-        config = self.config
-        start_step, losses = 0, record.get("losses") or {"train": [], "val": []}
-        trained_tokens, train_seconds = record.get("trained_tokens", 0), record.get("train_seconds", 0.0)
-        latest = checkpoints.listing(self.run_dir)[-1] if record["step"] else None
-        if latest:
-            model.load_weights(list(mx.load(str(latest.path)).items()), strict=False)
-        # The optimizer state exists before the step is compiled: made lazily by the first update, it would
-        # change the compiled step's inputs and have it traced twice.
-        optimizer.init(model.trainable_parameters())
-        if latest:
-            optimizer.state = tree_unflatten(list(mx.load(str(latest.state_path)).items()))
-            start_step = latest.step
-            losses = {k: [p for p in v if p[0] <= start_step] for k, v in losses.items()}
-            self.callback.on_resume(start_step)
-        batches = _Batches(iterate_batches(train_set, config.batch_size, config.max_seq_length, loop=True, seed=config.seed))
-        for _ in range(start_step):
+        config, world = self.config, self.world
+        progress = self._restore(model, optimizer, record)
+        losses, peaks = progress["losses"], progress["peak_memory"]
+        trained_tokens, train_seconds = progress["trained_tokens"], progress["train_seconds"]
+        batches = Batches(iterate_batches(train_set, config.batch_size, config.max_seq_length, loop=True, seed=config.seed,
+                                          comm_group=world.group if world.distributed else None))
+        for _ in range(self.start_step):
             next(batches)  # the data position is the step: replay the order, skip what was trained
-
         loss_fn = self.loss_fn
-        loss_value_and_grad = nn.value_and_grad(model, loss_fn)
-        state = [model.state, optimizer.state, mx.random.state]
-        retract = loreft.retract if self.loreft_config else None
+        state, step = compile_step(model, optimizer, loss_fn, config, world, loreft.retract if self.loreft_config else None)
 
-        # mlx-lm's compiled step, for every kind. LoReFT's retraction (R back onto orthonormal rows) is part of
-        # the update: array ops in the same compiled graph, so a step never waits on the host or the CPU stream.
-        @partial(mx.compile, inputs=state, outputs=state)
-        def step(batch, previous, do_update):
-            (value, tokens), grad = loss_value_and_grad(model, *batch)
-            if previous is not None:
-                grad = tree_map(lambda x, y: x + y, grad, previous)
-            if do_update:
-                if config.grad_accumulation_steps > 1:
-                    grad = tree_map(lambda x: x / config.grad_accumulation_steps, grad)
-                optimizer.update(model, grad)
-                if retract:
-                    retract(model)
-                grad = None
-            return value, tokens, grad
-
-        def validation_loss(at: int) -> float | None:
+        def record_val(at: int) -> float | None:
             if valid_set is None:
                 return None
             np.random.seed(config.seed + at)  # evaluation order must not depend on when a run restarted
-            value = evaluate(model=model, dataset=valid_set, loss=loss_fn, batch_size=config.batch_size,
-                             num_batches=config.val_batches, max_seq_length=config.max_seq_length)
+            val = float(evaluate(model=model, dataset=valid_set, loss=loss_fn, batch_size=config.batch_size,
+                                 num_batches=config.val_batches, max_seq_length=config.max_seq_length))
             model.train()
-            return float(value)
-
-        def record_val(it: int) -> float | None:
-            val = validation_loss(it)
-            if val is not None:
-                losses["val"].append([it, val])
-                self.callback.on_val_report(it, val)
+            losses["val"].append([at, val])
+            self.callback.on_val_report(at, val)
             return val
 
         model.train()
+        mx.reset_peak_memory()
         accumulated, window_loss, window_tokens, window_steps, window_time = None, 0.0, 0, 0, 0.0
-        for it in range(start_step + 1, config.iters + 1):
+        for it in range(self.start_step + 1, config.iters + 1):
             saving = it % config.save_every == 0 and it != config.iters
             due = it == 1 or it % config.steps_per_eval == 0 or it == config.iters  # mlx-lm's schedule
             # A checkpoint's validation loss is measured on the weights it saves, after this step's update:
@@ -304,33 +310,40 @@ class Trainer:
                 record_val(it)
             batch = next(batches)  # drawn before the clock starts, as mlx-lm times its steps
             tic = time.perf_counter()
-            mx.random.seed(config.seed * 1_000_003 + it)  # dropout masks depend on the step alone
-            value, tokens, accumulated = step(batch, accumulated, it % config.grad_accumulation_steps == 0)
-            mx.eval(state, value, tokens, accumulated)
+            mx.random.seed(step_seed(config.seed, it, world))
+            stop = mx.array(float(world.launcher_gone()))
+            value, tokens, stop, accumulated = step(batch, accumulated, it % config.grad_accumulation_steps == 0, stop)
+            mx.eval(state, value, tokens, stop, accumulated)
+            if stop.item():
+                raise distributed.LauncherGone(f"mlx.launch is gone: stopped at step {it}")
             elapsed = time.perf_counter() - tic
             window_loss += value.item()
-            window_tokens += tokens.item()
+            window_tokens += round(tokens.item())
             window_steps += 1
             window_time += elapsed
             if it % config.steps_per_report == 0 or it == config.iters or it % config.save_every == 0:
                 train_loss = window_loss / window_steps
+                peak = world.maximum(mx.get_peak_memory())
+                mx.reset_peak_memory()
                 losses["train"].append([it, train_loss])
+                peaks.append([it, peak])
                 trained_tokens += window_tokens
                 train_seconds += window_time
                 self.callback.on_train_report(TrainReport(
                     it, config.iters, train_loss, window_tokens / window_time if window_time else 0.0,
-                    float(optimizer.learning_rate)))
+                    float(optimizer.learning_rate), peak))
                 window_loss, window_tokens, window_steps, window_time = 0.0, 0, 0, 0.0
             if saving:
                 val = record_val(it) if after_update else None
-                started = time.perf_counter()
-                removed = self._checkpoint(it, model, optimizer, losses, val)
-                # The run record is updated before the checkpoint is announced, so whoever reads
-                # the announcement (a person, a script, a test) finds the record already there.
-                self.registry.update_run(self.run_id, step=it, losses=losses, trained_tokens=trained_tokens,
-                                         train_seconds=round(train_seconds, 3))
-                self.callback.on_checkpoint(it, removed, time.perf_counter() - started)
-        return self._finish(model, losses, trained_tokens, train_seconds)
+                if world.writes:
+                    started = time.perf_counter()
+                    removed = self._checkpoint(it, model, optimizer, losses, val)
+                    # The run record is updated before the checkpoint is announced, so whoever reads
+                    # the announcement (a person, a script, a test) finds the record already there.
+                    self.registry.update_run(self.run_id, step=it, losses=losses, peak_memory=peaks,
+                                             trained_tokens=trained_tokens, train_seconds=round(train_seconds, 3))
+                    self.callback.on_checkpoint(it, removed, time.perf_counter() - started)
+        return self._finish(model, losses, peaks, trained_tokens, train_seconds)
 
     def _checkpoint(self, it: int, model, optimizer, losses: dict, val_loss: float | None) -> list:
         from mlx.utils import tree_flatten
@@ -375,10 +388,13 @@ class Trainer:
         self.callback.on_test(value, math.exp(value))
         return {"test_loss": round(value, 6), "test_perplexity": round(math.exp(value), 4)}
 
-    def _finish(self, model, losses: dict, trained_tokens: int, train_seconds: float):
+    def _finish(self, model, losses: dict, peaks: list, trained_tokens: int, train_seconds: float):
         import mlx.core as mx
         from mlx.utils import tree_flatten
 
+        test = self._test_loss(model)  # on every rank: each evaluates its slice of the test batches
+        if not self.world.writes:
+            return None
         # The run folder keeps what mlx_lm.lora leaves in --adapter-path; the registry gets the same tensors directly.
         folder = self.run_dir / "adapter"
         folder.mkdir(exist_ok=True)
@@ -387,12 +403,12 @@ class Trainer:
         mx.save_safetensors(str(tmp), tensors)
         os.replace(tmp, folder / "adapters.safetensors")
         write_json(folder / "adapter_config.json", self.adapter_config())
-        test = self._test_loss(model)
         started = datetime.fromisoformat(self.registry.run(self.run_id)["started_at"].replace("Z", "+00:00"))
         wall = (datetime.now(timezone.utc) - started).total_seconds()
         training = {"tool": "adapterhub", "hyperparameters": self.adapter_config(), "losses": losses, **test,
                     "trained_tokens": trained_tokens, "train_seconds": round(train_seconds, 3),
-                    "wall_seconds": round(wall, 1), "run_id": self.run_id,
+                    "wall_seconds": round(wall, 1), "run_id": self.run_id, "processes": self.world.size,
+                    "backend": self.world.backend, "peak_memory_bytes": max((p for _, p in peaks), default=0),
                     "versions": _versions(), "config_sha256": self.config.sha256()}
         parents = [ParentEdge(self.parent.ref, self.parent.sha256, "resumed-from").to_dict()] if self.parent else []
         version, _ = self.registry.add_version(
@@ -400,28 +416,20 @@ class Trainer:
             parents=parents, tags=self.config.tags, description=f"trained by adapterhub (run {self.run_id})",
             training=training)
         self.registry.update_run(self.run_id, status="finished", step=self.config.iters, result=version.ref, pid=None,
-                                 losses=losses, trained_tokens=trained_tokens, train_seconds=round(train_seconds, 3),
-                                 finished_at=now())
+                                 losses=losses, peak_memory=peaks, trained_tokens=trained_tokens,
+                                 train_seconds=round(train_seconds, 3), finished_at=now())
         self.callback.on_finish(version.ref)
         return version
 
 
-def train(registry, config: TrainConfig, callback: TrainingCallback | None = None):
-    """Train a new version; returns it."""
-    return Trainer(registry, config, callback=callback).run()
+def train(registry, config: TrainConfig, callback: TrainingCallback | None = None, world: distributed.World | None = None):
+    """Train a new version; returns it (None on ranks other than 0 under mlx.launch)."""
+    return Trainer(registry, config, callback=callback, world=world).run()
 
 
-def resume(registry, run_id: str, callback: TrainingCallback | None = None):
-    """Continue an interrupted (or failed) run from its newest checkpoint; returns the new version."""
-    record = registry.run(run_id)
-    if record["status"] == "finished":
-        raise AdapterHubError(f"run {run_id} already finished as {record['result']}", hint="nothing to resume")
-    if registry.run_status(record) == "running":
-        raise AdapterHubError(f"run {run_id} is still running (pid {record['pid']} on {record['host']})",
-                              hint="wait for it, or stop it first")
-    config = TrainConfig(**record["config"])
-    trainer = Trainer(registry, config, run_id=run_id, callback=callback)
-    trainer.prepare()
-    if not Path(record["dir"]).is_dir():
-        raise NotFoundError(f"run folder {record['dir']} is gone", hint="the run cannot be resumed; train again")
-    return trainer.run(resume=True)
+def resume(registry, run_id: str, callback: TrainingCallback | None = None, world: distributed.World | None = None):
+    """Continue an interrupted (or failed) run from its newest checkpoint; returns the new version.
+
+    Under mlx.launch rank 0 reads the run from its registry; the other ranks need only the run id.
+    """
+    return Trainer(registry, None, run_id=run_id, callback=callback, world=world).run(resume=True)
