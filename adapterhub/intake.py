@@ -20,7 +20,7 @@ from .formats import mlx as mlx_format
 from .records import AdapterVersion, ParentEdge, base_ref, now
 from .safetensors_io import read_header
 from .schemas import validate
-from .store import StagedBlob
+from .objects import StagedBlob
 
 # Stores a blob and returns (sha256, size); called under the lock, only once the record is known to be valid.
 StoreBlob = Callable[[], tuple[str, int]]

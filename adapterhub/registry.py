@@ -26,7 +26,8 @@ from .files import read_json, write_json
 from .intake import Intake
 from .outputs import Outputs
 from .runs import TrainingRuns
-from .store import MODEL_EVALS, Catalogue, ObjectStore, RegistryLock
+from .objects import ObjectStore
+from .store import MODEL_EVALS, Catalogue, RegistryLock
 
 # A byte-progress factory: (description, total bytes) -> context manager yielding advance(n).
 ProgressFactory = Callable[[str, int], ContextManager[Callable[[int], None]]]

@@ -75,7 +75,7 @@ def test_the_encoding_is_the_stored_format(dtype, bits):
 
 def test_restore_writer_reserves_room_for_its_header(tmp_path):
     from adapterhub.algebra.restore import RestoreWriter, read
-    from adapterhub.store import ObjectStore
+    from adapterhub.objects import ObjectStore
 
     objects = ObjectStore(tmp_path / "objects")
     names = [f"residual/model.layers.{i}.self_attn.q_proj.weight" for i in range(50)] + ["file/README.md", "extra/x"]

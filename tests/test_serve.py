@@ -254,7 +254,8 @@ def test_expert_adapters_decode_in_batches_of_their_own(arch_model, tmp_path):
     """A mixtral adapter updates expert layers, which the mixed path does not gather: its rows never share a
     forward with rows reading something else, and every answer is the one it gets alone."""
     from adapterhub.serving.protocol import Sampling
-    from adapterhub.serving.runner import Done, Engine, Failed, Job, Target
+    from adapterhub.serving.jobs import Done, Failed, Job, Target
+    from adapterhub.serving.runner import Engine
 
     model_dir = arch_model("mixtral")
     registry = Registry(tmp_path / "registry")
@@ -284,7 +285,8 @@ def test_requests_arriving_together_are_prefilled_together_and_answer_as_alone(s
     """In the runner itself: prompts of different lengths for a LoRA, a DoRA, the base and a LoReFT adapter, all
     submitted at once, share right-padded prefill forwards and mixed decoding steps; each answer is its answer alone."""
     from adapterhub.serving.protocol import Sampling
-    from adapterhub.serving.runner import Done, Engine, Failed, Job, Target
+    from adapterhub.serving.jobs import Done, Failed, Job, Target
+    from adapterhub.serving.runner import Engine
 
     registry = Registry(serve_registry)
     engine = Engine(registry, {"tiny-llama": Path(registry.base("tiny-llama")["path"])}, max_adapters=4)

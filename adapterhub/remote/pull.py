@@ -24,7 +24,7 @@ from ..formats import mlx as mlx_format
 from ..records import base_ref, now
 from ..safetensors_io import read_header
 from ..schemas import validate
-from ..store import StagedBlob
+from ..objects import StagedBlob
 from . import layout
 from .catalogue import RemoteRegistry, RemoteVersion
 from .push import ProgressFactory, _no_progress

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from .runner import Target
+from .jobs import Target
 
 
 @dataclass

@@ -32,7 +32,8 @@ from . import protocol
 from .access_log import AccessRecord
 from .directory import Directory
 from .protocol import CompletionRequest, Limits, RequestError
-from .runner import Delta, Done, Engine, Failed, Job, Target
+from .jobs import Delta, Done, Failed, Job, Target
+from .runner import Engine
 
 log = logging.getLogger("adapterhub.serving")
 

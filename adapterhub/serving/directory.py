@@ -17,7 +17,7 @@ from ..errors import AdapterHubError, IncompatibleError, NotFoundError
 from ..records import AdapterVersion
 from .adapters import cache_key
 from .protocol import RequestError
-from .runner import Target
+from .jobs import Target
 
 # Refs joined this way ask for several adapters at once: one adapter per request is served.
 _SEVERAL = ("+", ",")

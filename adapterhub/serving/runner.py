@@ -31,71 +31,16 @@ from typing import Callable
 import mlx.core as mx
 
 from ..errors import AdapterHubError
-from ..records import AdapterVersion
 from .adapters import AdapterCache, ResidentAdapter, interventions, load_adapter
 from .decoding import RowSampler, TextStream, sample
 from .layers import AdapterRouter
-from .protocol import Limits, RequestError, Sampling
+from .jobs import Delta, Done, Failed, Job
+from .protocol import Limits, RequestError
 
 PREFILL_STEP = 2048  # mlx-lm's prefill_step_size: the same steps give the same numbers
 IDLE_WAIT = 0.05  # seconds an idle runner waits for a job before it checks whether to stop
 MIXED = "mixed"  # the batch key of rows that may decode together whatever adapter they read
 log = logging.getLogger("adapterhub.serving")
-
-
-@dataclass(frozen=True)
-class Target:
-    """What a request's `model` names: a served base, and the adapter version on it (None: the base alone)."""
-
-    base: str
-    version: AdapterVersion | None = None
-
-    @property
-    def ref(self) -> str:
-        return self.version.ref if self.version else self.base
-
-
-@dataclass(frozen=True)
-class Delta:
-    text: str
-
-
-@dataclass(frozen=True)
-class Done:
-    finish_reason: str  # stop | length | cancelled
-    prompt_tokens: int
-    completion_tokens: int
-    text: str
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: BaseException
-
-
-class Job:
-    """One request's generation. `emit` receives Delta events (when `stream`), then one Done or Failed; it is
-    called on the runner's thread and must not block."""
-
-    def __init__(self, target: Target, tokens: list[int], max_tokens: int, sampling: Sampling,
-                 stop: tuple[str, ...], emit: Callable[[object], None], stream: bool = True):
-        self.target, self.tokens, self.max_tokens = target, tokens, max_tokens
-        self.sampling, self.stop, self._emit, self.stream = sampling, stop, emit, stream
-        self._cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        """Stop generating for this job (its client left); harmless once it has finished."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def emit(self, event: object) -> None:
-        try:
-            self._emit(event)
-        except RuntimeError:
-            pass  # the HTTP side's event loop is gone (shutdown): nobody is waiting for this event
 
 
 @dataclass
