@@ -17,6 +17,7 @@ tags), so the same content pushed twice is one object; the refs document supplie
 from __future__ import annotations
 
 import hashlib
+from typing import Callable, Hashable, Iterable, TypeVar
 
 from .. import jsonio
 from ..errors import CorruptRegistryError
@@ -184,3 +185,25 @@ def check_dataset(data: bytes, sha256: str, where: str) -> dict:
         raise CorruptRegistryError(f"{where} is corrupt: its files do not hash to {sha256[:12]}",
                                    hint="push the version again from a registry that has the dataset")
     return doc
+
+
+Node = TypeVar("Node")
+
+
+def ancestors_first(start: Node, key: Callable[[Node], Hashable], parents: Callable[[Node], Iterable[Node]]) -> list[Node]:
+    """`start` and everything it descends from, each once and after its own parents: the order push sends
+    versions in and pull registers them, so a record never names a parent the other side lacks."""
+    order: list = []
+    seen: set = set()
+    stack: list[tuple[Node, bool]] = [(start, False)]
+    while stack:
+        current, expanded = stack.pop()
+        if expanded:
+            order.append(current)
+            continue
+        if key(current) in seen:
+            continue
+        seen.add(key(current))
+        stack.append((current, True))
+        stack.extend((parent, False) for parent in reversed(list(parents(current))) if key(parent) not in seen)
+    return order

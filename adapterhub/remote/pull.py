@@ -36,25 +36,17 @@ def remote_chain(remote: RemoteRegistry, target: RemoteVersion,
 
     `parents`, when given, is filled with (edge ref, edge sha256) -> the parent's remote ref.
     """
-    order: list[RemoteVersion] = []
-    seen: set[str] = set()
-    stack: list[tuple[RemoteVersion, bool]] = [(target, False)]
-    while stack:
-        current, expanded = stack.pop()
-        if expanded:
-            order.append(current)
-            continue
-        if current.entry["sha256"] in seen:
-            continue
-        seen.add(current.entry["sha256"])
-        stack.append((current, True))
-        for edge in reversed(current.record["parents"]):
+    def found(current: RemoteVersion) -> list[RemoteVersion]:
+        held = []
+        for edge in current.record["parents"]:
             parent = remote.parent(edge)
-            if parent is not None and parents is not None:
-                parents[edge["ref"], edge["sha256"]] = parent.remote_ref
-            if parent is not None and parent.entry["sha256"] not in seen:
-                stack.append((parent, False))
-    return order
+            if parent is not None:
+                held.append(parent)
+                if parents is not None:
+                    parents[edge["ref"], edge["sha256"]] = parent.remote_ref
+        return held
+
+    return layout.ancestors_first(target, lambda v: v.entry["sha256"], found)
 
 
 def pull(registry, remote: RemoteRegistry, ref: str, name: str | None = None, base: str | Path | None = None,

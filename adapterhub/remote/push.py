@@ -31,23 +31,10 @@ def _no_progress(description: str, total: int) -> ContextManager[Callable[[int],
 
 def versions_to_push(registry, version: AdapterVersion) -> list[AdapterVersion]:
     """`version` and the versions of this registry it came from (resumed, stacked, promoted), ancestors first."""
-    order: list[AdapterVersion] = []
-    seen: set[str] = set()
-    stack: list[tuple[AdapterVersion, bool]] = [(version, False)]
-    while stack:
-        current, expanded = stack.pop()
-        if expanded:
-            order.append(current)
-            continue
-        if current.sha256 in seen:
-            continue
-        seen.add(current.sha256)
-        stack.append((current, True))
-        for edge in reversed(current.parents):
-            parent = local_parent(registry, edge.to_dict())
-            if parent is not None and parent.sha256 not in seen:
-                stack.append((parent, False))
-    return order
+    def parents(current: AdapterVersion) -> list[AdapterVersion]:
+        return [p for p in (local_parent(registry, edge.to_dict()) for edge in current.parents) if p is not None]
+
+    return layout.ancestors_first(version, lambda v: v.sha256, parents)
 
 
 def local_parent(registry, edge: dict) -> AdapterVersion | None:
