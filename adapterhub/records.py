@@ -87,10 +87,45 @@ class DatasetRef(_Fields):
     examples: dict
 
 
-@dataclass(frozen=True)
-class BaseModel:
+class _View:
+    """A read-only view of a stored record: fields set once, then only read, compared by value.
+
+    A plain class, not a frozen dataclass: creating one costs every command's start-up about a
+    millisecond each (generated methods are exec'd at import), and `show` is mostly start-up.
+    """
+
+    __slots__ = ()
+    __hash__ = None  # records hold dicts: as unhashable as a frozen dataclass of them
+
+    def __init__(self, *values, **named) -> None:
+        names = self.__slots__
+        if len(values) == len(names) and not named:  # the common call, made once per listed version
+            for name, value in zip(names, values):
+                object.__setattr__(self, name, value)
+            return
+        defaults = getattr(type(self), "_defaults", ())
+        given = {**dict(zip(names[len(names) - len(defaults):], defaults)), **dict(zip(names, values)), **named}
+        if len(values) > len(names) or given.keys() != set(names):
+            raise TypeError(f"{type(self).__name__} takes {', '.join(names)}")
+        for name in names:
+            object.__setattr__(self, name, given[name])
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    __delattr__ = __setattr__
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in self.__slots__)})"
+
+
+class BaseModel(_View):
     """A registered base model (schemas/base_model.schema.json): its row, read through properties."""
 
+    __slots__ = ("record",)
     record: dict
 
     @property
@@ -129,13 +164,14 @@ class BaseModel:
         return dict(self.record)
 
 
-@dataclass(frozen=True)
-class ResolvedBase:
+class ResolvedBase(_View):
     """A base as a command names it (folder, Hub id or registered name), resolved once.
 
     `fingerprint` is what the bytes say (for a name, the registered row's own fields), `record`
     the registered base it matches if any, `path` the folder its weights are read from.
     """
+
+    __slots__ = ("fingerprint", "record", "path")
 
     fingerprint: dict
     record: BaseModel | None
@@ -163,9 +199,10 @@ class ResolvedBase:
         return bool(self.config.get("quantization"))
 
 
-@dataclass(frozen=True)
-class FusedModel:
+class FusedModel(_View):
     """A fused model folder the registry wrote (schemas/fused_model.schema.json)."""
+
+    __slots__ = ("record",)
 
     record: dict
 
@@ -190,9 +227,10 @@ class FusedModel:
         return dict(self.record)
 
 
-@dataclass(frozen=True)
-class TrainingRun:
+class TrainingRun(_View):
     """One training run (schemas/training_run.schema.json): where it is, how far, how it ended."""
+
+    __slots__ = ("record",)
 
     record: dict
 
@@ -224,16 +262,18 @@ class TrainingRun:
         return dict(self.record)
 
 
-@dataclass(frozen=True)
-class AdapterVersion:
+class AdapterVersion(_View):
     """One registered adapter version, as `show` reports it: the stored record and its typed views.
 
     `record` stays the dict the schema describes (and `--json` prints); the properties are
     how code reads it, so a field's name is spelled in one place.
     """
 
+    __slots__ = ("record", "aliases")
+    _defaults = ((),)
+
     record: dict
-    aliases: tuple[str, ...] = ()
+    aliases: tuple[str, ...]  # default ()
 
     @property
     def name(self) -> str:
@@ -332,15 +372,17 @@ def base_ref(record: dict) -> dict:
 LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
 
 
-@dataclass(frozen=True)
-class EvalResult:
+class EvalResult(_View):
     """One recorded evaluation (schemas/evaluation.schema.json), and whether this call reused it.
 
     `row` stays the dict the schema describes; readers use the properties.
     """
 
+    __slots__ = ("row", "reused")
+    _defaults = (False,)
+
     row: dict
-    reused: bool = False
+    reused: bool  # default False
 
     @classmethod
     def from_dict(cls, doc: dict, reused: bool = False) -> "EvalResult":
