@@ -36,7 +36,13 @@ def loads(text: str | bytes, **hooks) -> object:
     """
     try:
         text = text.decode(json.detect_encoding(text)) if isinstance(text, (bytes, bytearray)) else text
-        doc = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float, **hooks)
+        doc = json.loads(text, parse_constant=_refuse_constant, **hooks)
+        outside = _outside_strings(text)
+        # Only a number with a 3-digit exponent or 309 digits can overflow to infinity. Screened on the text
+        # outside strings, so every float is parsed in C, and parsed again through the checking hook only
+        # when one might have overflowed.
+        if _OVERFLOW.search(outside):
+            json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float, **hooks)
     except RecursionError:
         raise JSONError("nesting too deep") from None
     except json.JSONDecodeError as e:
@@ -48,7 +54,7 @@ def loads(text: str | bytes, **hooks) -> object:
             raise  # ours, or a caller's hook saying something of its own
         raise JSONError(str(e)) from None  # int() of thousands of digits
     # Fewer brackets than the limit cannot nest past it: most configs and headers end here.
-    if text.count("[") + text.count("{") > MAX_DEPTH and nesting(text) > MAX_DEPTH:
+    if outside.count("[") + outside.count("{") > MAX_DEPTH and _depth(outside) > MAX_DEPTH:
         raise JSONError(f"nested more than {MAX_DEPTH} levels deep")
     return doc
 
@@ -56,19 +62,29 @@ def loads(text: str | bytes, **hooks) -> object:
 _ESCAPE = re.compile(r"\\.")
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _INNERMOST = re.compile(r"\[\]|\{\}")
+_OVERFLOW = re.compile(r"[eE]\+?0*[1-9]\d\d|\d{309}")
+
+
+def _outside_strings(text: str) -> str:
+    """The text of valid JSON with its strings taken out: escapes first (\\" ends no string), then between the
+    quotes every other piece is outside a string."""
+    if "\\" in text:
+        text = _ESCAPE.sub("", text)
+    return "".join(text.split('"')[0::2])
 
 
 def nesting(text: str) -> int:
     """How deeply JSON the json module accepted nests its arrays and objects.
 
     Read from the text in C-speed passes, not by walking the parsed document (a catalogue file holds
-    tens of thousands of nodes, and `list` reads many files): escapes and strings are dropped, then
-    all but the brackets, and each pass removes the pairs that hold nothing, one level per pass.
+    tens of thousands of nodes, and `list` reads many files): strings are taken out, then all but the
+    brackets, and each pass removes the pairs that hold nothing, one level per pass.
     """
-    if "\\" in text:
-        text = _ESCAPE.sub("", text)  # escapes first: \\" ends no string
-    # Between the quotes of valid JSON, every other piece is outside a string.
-    brackets = _NOT_BRACKET.sub("", "".join(text.split('"')[0::2]))
+    return _depth(_outside_strings(text))
+
+
+def _depth(outside: str) -> int:
+    brackets = _NOT_BRACKET.sub("", outside)
     depth = 0
     while brackets and depth <= MAX_DEPTH:  # past the limit, how far past does not matter
         brackets = _INNERMOST.sub("", brackets)
