@@ -148,18 +148,6 @@ class BaseModel(_View):
     def path(self) -> Path | None:
         return Path(self.record["path"]) if self.record.get("path") else None
 
-    @property
-    def hf_repo(self) -> str | None:
-        return self.record.get("hf_repo")
-
-    @property
-    def known_sha256s(self) -> tuple[str, ...]:
-        """Its sha256 now and under older formats' identities: records written then name it by those."""
-        return (self.sha256, *self.record.get("previous_sha256", ()))
-
-    def ref(self) -> BaseRef:
-        return BaseRef.from_dict(self.record)
-
     def to_dict(self) -> dict:
         return dict(self.record)
 
@@ -194,37 +182,6 @@ class ResolvedBase(_View):
         """The registered name, or None for a folder not registered yet."""
         return self.record.name if self.record else None
 
-    @property
-    def quantized(self) -> bool:
-        return bool(self.config.get("quantization"))
-
-
-class FusedModel(_View):
-    """A fused model folder the registry wrote (schemas/fused_model.schema.json)."""
-
-    __slots__ = ("record",)
-
-    record: dict
-
-    @property
-    def sha256(self) -> str:
-        return self.record["sha256"]
-
-    @property
-    def path(self) -> Path:
-        return Path(self.record["path"])
-
-    @property
-    def base(self) -> BaseRef:
-        return BaseRef.from_dict(self.record["base"])
-
-    @property
-    def adapter_shas(self) -> tuple[str, ...]:
-        """The sha256s of the adapters fused into it, in the order they were applied."""
-        return tuple(a["sha256"] for a in self.record["adapters"])
-
-    def to_dict(self) -> dict:
-        return dict(self.record)
 
 
 class TrainingRun(_View):

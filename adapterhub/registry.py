@@ -238,24 +238,24 @@ class Registry(Intake, BaseModels, TrainingRuns, Outputs, ForeignFolders):
         _check_weights_claim(version.record)
         return self.objects.verified(version.sha256, f"weights of {version.ref}")
 
-    def modules(self, version: AdapterVersion) -> dict[str, tuple[int, ...]]:
+    def modules(self, version: AdapterVersion, weights: Path | None = None) -> dict[str, tuple[int, ...]]:
         """Module path -> (in, out) or (in, out, experts): recorded at import; from the weight header for records
-        written before versions recorded it."""
+        written before versions recorded it (`weights`: the blob's path when the caller has just verified it)."""
         if version.modules is not None:
             return version.modules
-        header = read_header(self.weights(version))
+        header = read_header(weights or self.weights(version))
         config = self.objects.verified(version.file_sha(mlx_format.CONFIG_FILE), f"config of {version.ref}")
         return mlx_format.derive(config, header.path, read_json(config), header, check_values=False).modules
 
     def check(self, ref: str, base: str | Path, allow_different_weights: bool = False) -> compat.CompatReport:
         """Compatibility report of an adapter with a base given as a path or a registered name."""
         version = self.resolve(ref)
-        self.weights(version)  # a check passes only for weights that are still the registered bytes
+        weights = self.weights(version)  # a check passes only for weights that are still the registered bytes
         base_fp = self.resolve_base(base).fingerprint
         recorded = version.record.get("base")
         recorded_full = self.bases_by_sha().get(recorded["sha256"]) if recorded else None
         adapter_base = {**recorded, "config": recorded_full["config"]} if recorded and recorded_full else recorded
-        shape = compat.AdapterShape(version.ref, self.modules(version), version.layers, adapter_base,
+        shape = compat.AdapterShape(version.ref, self.modules(version, weights), version.layers, adapter_base,
                                     recorded_full["files"] if recorded_full else None,
                                     (version.record.get("loreft") or {}).get("hidden_size"))
         return compat.check(shape, str(base), base_fp, allow_different_weights)
