@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 MAX_LISTED = 20
 _FROM_LAYERS = re.compile(r"(?:^|\.)(layers\.\d+\..+)$")
 
 
-@dataclass(frozen=True)
-class CompatReport:
+class CompatReport(NamedTuple):
     """The verdict and every reason for it.
 
     verdict is one of: exact (same base weights and config), structural (the adapter records no
@@ -23,14 +22,15 @@ class CompatReport:
     verdict: str
     adapter: str
     base: str
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    differing_files: list[str] = field(default_factory=list)
+    # Tuples, not lists, as defaults: a NamedTuple's default is one object shared by every report.
+    problems: list[str] | tuple = ()
+    notes: list[str] | tuple = ()
+    differing_files: list[str] | tuple = ()
 
     def to_dict(self) -> dict:
         return {
             "compatible": self.compatible, "verdict": self.verdict, "adapter": self.adapter, "base": self.base,
-            "problems": self.problems, "notes": self.notes, "differing_files": self.differing_files,
+            "problems": list(self.problems), "notes": list(self.notes), "differing_files": list(self.differing_files),
         }
 
     def summary(self) -> str:
@@ -86,8 +86,7 @@ def _shape_text(shape: tuple[int, ...]) -> str:
     return text + (f", {shape[2]} experts" if len(shape) == 3 else "")
 
 
-@dataclass(frozen=True)
-class AdapterShape:
+class AdapterShape(NamedTuple):
     """What compatibility is decided on, on the adapter's side.
 
     modules: module path -> (in, out), or (in, out, experts) for an expert layer.

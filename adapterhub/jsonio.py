@@ -41,7 +41,7 @@ def loads(text: str | bytes, **hooks) -> object:
         # Only a number with a 3-digit exponent or 309 digits can overflow to infinity. Screened on the text
         # outside strings, so every float is parsed in C, and parsed again through the checking hook only
         # when one might have overflowed.
-        if _OVERFLOW.search(outside):
+        if _might_overflow(outside):
             json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float, **hooks)
     except RecursionError:
         raise JSONError("nesting too deep") from None
@@ -60,9 +60,18 @@ def loads(text: str | bytes, **hooks) -> object:
 
 
 _ESCAPE = re.compile(r"\\.")
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _INNERMOST = re.compile(r"\[\]|\{\}")
-_OVERFLOW = re.compile(r"[eE]\+?0*[1-9]\d\d|\d{309}")
+_BIG_EXPONENT = re.compile(r"[eE]\+?0*[1-9]\d\d")
+# str.translate runs in C over every character; a regex with a repeat tries a match at each one, which
+# made these screens cost more than the parse itself on a catalogue file.
+_OTHER_THAN_BRACKETS = str.maketrans("", "", "".join(chr(c) for c in range(128) if chr(c) not in "[]{}"))
+_DIGITS_AS_ZERO = str.maketrans("123456789", "000000000")
+_LONGEST_FINITE_RUN = "0" * 309
+
+
+def _might_overflow(outside: str) -> bool:
+    return bool(_BIG_EXPONENT.search(outside)) or (
+        len(outside) >= len(_LONGEST_FINITE_RUN) and _LONGEST_FINITE_RUN in outside.translate(_DIGITS_AS_ZERO))
 
 
 def _outside_strings(text: str) -> str:
@@ -84,7 +93,8 @@ def nesting(text: str) -> int:
 
 
 def _depth(outside: str) -> int:
-    brackets = _NOT_BRACKET.sub("", outside)
+    # Outside strings only ASCII is left (non-ASCII is only valid JSON inside a string), so the table covers it.
+    brackets = outside.translate(_OTHER_THAN_BRACKETS)
     depth = 0
     while brackets and depth <= MAX_DEPTH:  # past the limit, how far past does not matter
         brackets = _INNERMOST.sub("", brackets)

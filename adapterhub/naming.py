@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .errors import InvalidNameError, NotFoundError
 
@@ -22,8 +22,7 @@ _TAG_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_VERSION_DIGITS = 12
 
 
-@dataclass(frozen=True)
-class Policy:
+class Policy(NamedTuple):
     """The naming policy: the SPEC's rules plus an optional pattern and required tags."""
 
     pattern: str | None = None
@@ -160,15 +159,14 @@ def check_alias(alias: str) -> None:
         )
 
 
-@dataclass(frozen=True)
-class Ref:
+class Ref(NamedTuple):
     """A parsed ref: `name`, `name@3`, `name@alias`, or a sha256 prefix."""
 
     text: str
     name: str | None = None
     version: int | None = None
     alias: str | None = None
-    sha_prefix: str | None = field(default=None)
+    sha_prefix: str | None = None
 
 
 def is_sha256(text: object) -> bool:

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 from .errors import CorruptRegistryError
 from .files import TMP_SUFFIX, _fsync_dir, temp_path_for
@@ -18,8 +17,7 @@ from .naming import is_sha256
 from .safetensors_io import Progress, copy_hashed, sha256_file
 
 
-@dataclass(frozen=True)
-class StagedBlob:
+class StagedBlob(NamedTuple):
     """Bytes written into the object store's staging area and hashed while written, not yet at their address."""
 
     path: Path

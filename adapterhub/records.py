@@ -6,7 +6,6 @@ Pure: no I/O. A version record is a dict validated against schemas/adapter_versi
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,79 +21,16 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-class _Fields:
-    """from_dict/to_dict for a record that is exactly its dataclass fields; an optional field left at
-    None is omitted from the dict, as the schemas expect (a stack weight appears only on stack edges)."""
-
-    @classmethod
-    def from_dict(cls, doc: dict):
-        return cls(*(doc[name] if default is MISSING else doc.get(name, default) for name, default in cls._spec()))
-
-    @classmethod
-    def _spec(cls) -> tuple:
-        # dataclasses.fields() is slow for a call per record per property read, and `list` makes thousands.
-        spec = cls.__dict__.get("_fields_spec")
-        if spec is None:
-            spec = tuple((f.name, f.default) for f in fields(cls))
-            type.__setattr__(cls, "_fields_spec", spec)
-        return spec
-
-    def to_dict(self) -> dict:
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None and f.default is None:
-                continue
-            out[f.name] = dict(value) if isinstance(value, dict) else value
-        return out
-
-
-@dataclass(frozen=True)
-class FileEntry(_Fields):
-    """A stored file: its name in the folder it belongs to, its sha256 and its size in bytes."""
-
-    name: str
-    sha256: str
-    size: int
-
-
-@dataclass(frozen=True)
-class ParentEdge(_Fields):
-    """Where a version came from: a parent's ref and sha256, how (`relation`), and a stack weight if any."""
-
-    ref: str
-    sha256: str
-    relation: str
-    weight: float | None = None
-
-
-@dataclass(frozen=True)
-class BaseRef(_Fields):
-    """What a version or fused model records of its base: enough to find it and to tell its structure."""
-
-    name: str
-    sha256: str
-    structure_sha256: str
-    model_type: str | None
-
-
-@dataclass(frozen=True)
-class DatasetRef(_Fields):
-    """What a version records of the data it was trained on: name, content hash, examples per split."""
-
-    name: str
-    sha256: str
-    examples: dict
-
-
 class _View:
     """A read-only view of a stored record: fields set once, then only read, compared by value.
 
     A plain class, not a frozen dataclass: creating one costs every command's start-up about a
     millisecond each (generated methods are exec'd at import), and `show` is mostly start-up.
+    `__slots__` names the fields, in the order positional arguments take them.
     """
 
     __slots__ = ()
+    _defaults: tuple = ()  # values of the trailing fields a caller may leave out
     __hash__ = None  # records hold dicts: as unhashable as a frozen dataclass of them
 
     def __init__(self, *values, **named) -> None:
@@ -103,7 +39,7 @@ class _View:
             for name, value in zip(names, values):
                 object.__setattr__(self, name, value)
             return
-        defaults = getattr(type(self), "_defaults", ())
+        defaults = self._defaults
         given = {**dict(zip(names[len(names) - len(defaults):], defaults)), **dict(zip(names, values)), **named}
         if len(values) > len(names) or given.keys() != set(names):
             raise TypeError(f"{type(self).__name__} takes {', '.join(names)}")
@@ -120,6 +56,69 @@ class _View:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in self.__slots__)})"
+
+
+class _Fields(_View):
+    """A record that is exactly its fields, with from_dict/to_dict; an optional field (one with a default
+    of None) left at None is omitted from the dict, as the schemas expect (a stack weight appears only
+    on stack edges)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def from_dict(cls, doc: dict):
+        names, defaults = cls.__slots__, cls._defaults
+        required = len(names) - len(defaults)
+        return cls(*(doc[n] for n in names[:required]), *(doc.get(n, d) for n, d in zip(names[required:], defaults)))
+
+    def to_dict(self) -> dict:
+        optional = self.__slots__[len(self.__slots__) - len(self._defaults):]
+        out = {}
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if value is None and name in optional:
+                continue
+            out[name] = dict(value) if isinstance(value, dict) else value
+        return out
+
+
+class FileEntry(_Fields):
+    """A stored file: its name in the folder it belongs to, its sha256 and its size in bytes."""
+
+    __slots__ = ("name", "sha256", "size")
+    name: str
+    sha256: str
+    size: int
+
+
+class ParentEdge(_Fields):
+    """Where a version came from: a parent's ref and sha256, how (`relation`), and a stack weight if any."""
+
+    __slots__ = ("ref", "sha256", "relation", "weight")
+    _defaults = (None,)
+    ref: str
+    sha256: str
+    relation: str
+    weight: float | None
+
+
+class BaseRef(_Fields):
+    """What a version or fused model records of its base: enough to find it and to tell its structure."""
+
+    __slots__ = ("name", "sha256", "structure_sha256", "model_type")
+    name: str
+    sha256: str
+    structure_sha256: str
+    model_type: str | None
+
+
+class DatasetRef(_Fields):
+    """What a version records of the data it was trained on: name, content hash, examples per split."""
+
+    __slots__ = ("name", "sha256", "examples")
+    name: str
+    sha256: str
+    examples: dict
 
 
 class BaseModel(_View):

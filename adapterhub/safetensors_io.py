@@ -11,10 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, NamedTuple
 
 from . import jsonio
 from .errors import InvalidAdapterError, UnsafeFormatError
@@ -41,16 +40,14 @@ CHUNK = 8 * 1024 * 1024
 Progress = Callable[[int], None]
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
     dtype: str
     shape: tuple[int, ...]
     begin: int
     end: int
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     """A parsed, checked safetensors header."""
 
     path: Path

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from math import prod
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import InvalidAdapterError, NotFoundError
 from ..records import CONFIG_FILE, WEIGHTS_FILE  # noqa: F401 (mlx-lm's file names, re-exported)
@@ -29,8 +29,7 @@ TRAINING_KEYS = (
 )
 
 
-@dataclass(frozen=True)
-class ParsedAdapter:
+class ParsedAdapter(NamedTuple):
     """An adapter folder read and checked, ready to register."""
 
     config_path: Path
