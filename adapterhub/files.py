@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -31,7 +30,7 @@ def _fsync_dir(path: Path) -> None:
 
 def temp_path_for(path: Path) -> Path:
     """A unique hidden sibling of `path`, so concurrent writers never share a temp file."""
-    return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+    return path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}"
 
 
 @contextmanager
@@ -109,7 +108,7 @@ def staging_path(out: Path, purpose: str, pid: int) -> Path:
 
 
 def writer_pid(temporary: Path) -> int | None:
-    """The pid in a temporary file's name (temp_path_for's `.name.PID.uuid.tmp`), None when it has none."""
+    """The pid in a temporary file's name (temp_path_for's `.name.PID.RANDOM.tmp`), None when it has none."""
     parts = Path(temporary).name.split(".")
     return int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
 
