@@ -162,15 +162,15 @@ def write_json(path: Path, doc: object) -> None:
         f.write(text)
 
 
-def parse_json(text: str | bytes, where: object) -> object:
-    """Strict JSON (jsonio): no NaN/Infinity, no overflow, bounded nesting.
+def parse_json(text: str | bytes, where: object, own_output: bool = False) -> object:
+    """Strict JSON (jsonio): no NaN/Infinity, no overflow, bounded nesting (own_output: see jsonio.loads).
 
     Raises:
         CorruptRegistryError: "`where` is damaged: …", when `where` lies in a registry.
         InvalidAdapterError: the same, for a user's file (a config, an index, a folder's record).
     """
     try:
-        return jsonio.loads(text)
+        return jsonio.loads(text, own_output)
     except jsonio.JSONError as e:
         problem = str(e)
     if isinstance(where, Path) and enclosing_registry(where.absolute()) is None:
@@ -179,12 +179,13 @@ def parse_json(text: str | bytes, where: object) -> object:
                                hint="restore it from a backup or remove it; then run 'adapterhub verify'")
 
 
-def read_json(path: Path, default: object = None) -> object:
-    """Read a JSON file; a missing file gives `default`, a damaged one CorruptRegistryError."""
+def read_json(path: Path, default: object = None, own_output: bool = False) -> object:
+    """Read a JSON file; a missing file gives `default`, a damaged one CorruptRegistryError.
+    own_output: a file this program wrote (see jsonio.loads)."""
     try:
         text = Path(path).read_bytes()
     except (FileNotFoundError, NotADirectoryError):
         return default
     except IsADirectoryError:
         raise CorruptRegistryError(f"{path} is a folder, not a JSON file", hint="remove it or give the file") from None
-    return parse_json(text, Path(path))
+    return parse_json(text, Path(path), own_output)

@@ -20,7 +20,7 @@ from .schemas import validate
 from .outputs import STAGING
 from .records import VERSION_RELATIONS, weights_claim_problem
 from .runs import process_alive
-from .files import writer_pid
+from .files import read_json, writer_pid
 from .store import open_db, read_tables
 
 INDEX_SCHEMAS = {"bases.json": "base_model", "datasets.json": "dataset", "fused.json": "fused_model",
@@ -70,6 +70,7 @@ def verify(registry) -> VerifyReport:
     except AdapterHubError as e:
         report.problems.append(e.message)
         return report
+    _screen_catalogue(registry, report)
     found = _scan_versions(registry, report)
     bases = {r["sha256"] for r in _index_rows(registry, "bases.json", report)}
     datasets = {r["sha256"] for r in _index_rows(registry, "datasets.json", report)}
@@ -103,6 +104,7 @@ def verify(registry) -> VerifyReport:
                 report.problems.append(f"{where}: restore data {problem}")
     _scan_indexes(registry, found, report)
     _leftover_notes(registry, found, report)
+    report.problems = list(dict.fromkeys(report.problems))  # a file the screen and a reader both refused: once
     report.checked = {"versions": len(found.records), "blobs": len(found.referenced), "bases": len(bases),
                       "datasets": len(datasets), "fused": len(fused)}
     return report
@@ -195,6 +197,18 @@ def _scan_versions(registry, report: VerifyReport) -> _Catalogue:
         aliases = {d.get("alias"): d.get("version") for d in tables.get("aliases", {}).values()}
         report.problems += [f"alias {name}@{a} points at missing version {v}" for a, v in aliases.items() if v not in present]
     return found
+
+
+def _screen_catalogue(registry, report: VerifyReport) -> None:
+    """Every catalogue file as strict as a file from outside: commands read them without the overflow and
+    depth screens (they are this program's output), so a hand edit that only those catch is found here."""
+    for path in sorted(registry.catalog.rglob("*.json")):
+        if path.name.startswith("."):
+            continue  # an interrupted write's temporary file, noted with the other leftovers
+        try:
+            read_json(path)
+        except AdapterHubError as e:
+            report.problems.append(e.message)
 
 
 def _index_rows(registry, filename: str, report: VerifyReport) -> list[dict]:

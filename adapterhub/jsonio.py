@@ -28,8 +28,14 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def loads(text: str | bytes, **hooks) -> object:
+def loads(text: str | bytes, own_output: bool = False, **hooks) -> object:
     """json.loads, refusing non-finite numbers and nesting deeper than MAX_DEPTH.
+
+    own_output: text this program wrote itself (the catalogue, which `list` reads by the
+        thousand files): parsed in C with NaN and Infinity refused and recursion bounded, but
+        without the two screens on the text (overflow, depth), which only an edit by hand can trip
+        there. What it reads then is still harmless: an infinity is refused when written back,
+        and nesting under the recursion limit breaks no reader. `verify` screens every file.
 
     Raises:
         JSONError: for every way the text fails (json.JSONDecodeError is turned into one too).
@@ -37,6 +43,8 @@ def loads(text: str | bytes, **hooks) -> object:
     try:
         text = text.decode(json.detect_encoding(text)) if isinstance(text, (bytes, bytearray)) else text
         doc = json.loads(text, parse_constant=_refuse_constant, **hooks)
+        if own_output:
+            return doc
         outside = _outside_strings(text)
         # Only a number with a 3-digit exponent or 309 digits can overflow to infinity. Screened on the text
         # outside strings, so every float is parsed in C, and parsed again through the checking hook only

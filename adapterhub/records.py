@@ -228,6 +228,11 @@ class AdapterVersion(_View):
     __slots__ = ("record", "aliases")
     _defaults = ((),)
 
+    def __init__(self, record: dict, aliases: tuple[str, ...] = ()) -> None:
+        # Made once per listed version: the two fields set directly, without _View's general path.
+        object.__setattr__(self, "record", record)
+        object.__setattr__(self, "aliases", aliases)
+
     record: dict
     aliases: tuple[str, ...]  # default ()
 

@@ -235,3 +235,20 @@ def test_verify_checks_recorded_evaluations(cli, registry, two_versions):
                  lambda d: d.setdefault("evals", {}).update({"1": {"metric": "test_loss", "value": "low"}}))
     code, out, _ = cli("verify")
     assert code == 1 and "does not match schema 'evaluation'" in out
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda text: text.replace('"scale":20.0', '"scale":1e999'), "overflows to infinity"),
+    (lambda text: text.replace('"tags":', '"deep":' + "[" * 70 + "]" * 70 + ',"tags":', 1), "nested more than 64 levels"),
+])
+def test_verify_screens_catalogue_files_that_commands_read_unscreened(cli, registry, two_versions, edit, problem):
+    """Commands parse the catalogue (this program's output) without the overflow and depth screens; verify
+    applies them, so a hand edit only they catch is still reported, once."""
+    path = registry.catalog / "adapters" / "stories.json"
+    text = path.read_text()
+    assert edit(text) != text
+    path.write_text(edit(text))
+    code, out, err = cli("show", "stories@1")
+    assert code == 0, err
+    code, out, err = cli("verify")
+    assert code == 1 and out.count(f"{path} is damaged: ") == 1 and problem in out
