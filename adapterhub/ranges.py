@@ -7,7 +7,6 @@ gets the same refusal as the command line.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple
 
 from .errors import AdapterHubError
@@ -29,6 +28,8 @@ WEIGHT = Range(None, None)  # any finite number
 
 def problem(flag: str, value: object, allowed: Range, floating: bool = False) -> str | None:
     """Why `value` is not allowed for `flag`, or None when it is."""
+    import numbers  # here, not at the top: the CLI imports this module for its ranges, and numbers costs 3 ms
+
     if floating:
         # bool is an int to Python, but `--scale true` is a mistake, not 1.0.
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
