@@ -16,9 +16,10 @@ PROFILE_OPTION = click.option("--profile", is_flag=True, envvar=PROFILE_ENV,
                                    f"(also with {PROFILE_ENV}=1); --json reports it under 'profile'.")
 
 
-def _show_profile(ctx: Context, profile: dict | None) -> None:
-    """On stderr, so it never mixes with --json on stdout."""
-    if profile and not ctx.quiet:
+def _show_profile(profile: dict | None) -> None:
+    """On stderr, so it never mixes with --json on stdout; printed under --quiet too, which silences what
+    was not asked for (progress, notes), while a profile only comes when asked for."""
+    if profile:
         from ..tensor_writers import format_profile
 
         click.echo(format_profile(profile), err=True)
@@ -61,7 +62,7 @@ def fuse(ctx: Context, refs: tuple[str, ...], base_: str, out: Path, dequantize:
     with ctx.progress(f"fusing into {out.name}", total) as advance:
         record = execute_fuse(plan, ctx.registry, advance, card=fused_card, profile=profile,
                               fidelity=None if no_fidelity else fidelity)
-    _show_profile(ctx, record.get("profile"))
+    _show_profile(record.get("profile"))
     restore = record["restore"]
     size = sum(f["size"] for f in record["files"])
     ctx.emit(record, "\n".join([
@@ -105,7 +106,7 @@ def unfuse(ctx: Context, fused_dir: Path, out: Path, adapters: tuple[str, ...], 
     with ctx.progress(f"unfusing into {out.name}", total) as advance:
         report = run_unfuse(ctx.registry, fused_dir, out, list(adapters) or None, base_, advance, force=force,
                             profile=profile)
-    _show_profile(ctx, report.profile)
+    _show_profile(report.profile)
     if report.exact:
         verdict = f"exact: the base is back, bit for bit (matches {report.base})"
     elif report.exact is None:
