@@ -93,7 +93,7 @@ def main() -> None:
             wall = time.perf_counter() - start
             if done.returncode != 0:
                 raise SystemExit(f"{label} failed:\n{done.stderr[-2000:]}")
-            speed = statistics.mean(ours_figures(done.stderr)[0][1:])
+            speed = statistics.mean(ours_figures(done.stderr)["speeds"][1:])
             speeds[label].append(speed)
             shown = json.loads(subprocess.run([sys.executable, "-m", "adapterhub.cli", "--registry", registry, "--json",
                                                "show", name], capture_output=True, text=True, env=env).stdout)
