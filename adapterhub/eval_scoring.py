@@ -37,9 +37,11 @@ def _adapter_folder(registry, version: AdapterVersion) -> Iterator[Path]:
     """The version's two stored files, hash-checked, in a folder mlx-lm's `load(adapter_path=)` reads."""
     with tempfile.TemporaryDirectory(prefix="adapterhub-eval-") as tmp:
         folder = Path(tmp)
-        # Links, not copies: the blobs are read-only and were just re-hashed.
-        os.symlink(registry.weights(version), folder / WEIGHTS_FILE)
-        os.symlink(registry.objects.verified(version.file_sha(CONFIG_FILE), f"config of {version.ref}"), folder / CONFIG_FILE)
+        # Links, not copies: the blobs are read-only and were just re-hashed. Absolute, because a link's
+        # target is read from the folder it sits in, and a registry may be named relative to this one.
+        os.symlink(registry.weights(version).absolute(), folder / WEIGHTS_FILE)
+        config = registry.objects.verified(version.file_sha(CONFIG_FILE), f"config of {version.ref}")
+        os.symlink(config.absolute(), folder / CONFIG_FILE)
         yield folder
 
 

@@ -8,8 +8,9 @@ from tests.conftest import subprocess_env
 
 def test_demo_runs_the_lifecycle_into_a_fresh_registry(tmp_path):
     registry = tmp_path / "registry"
-    done = subprocess.run([sys.executable, "-m", "adapterhub.cli", "--registry", str(registry), "demo",
-                           "--workdir", str(tmp_path / "work")], capture_output=True, text=True, env=subprocess_env())
+    # Paths relative to the working folder, as `make demo` names them: every step must work so too.
+    done = subprocess.run([sys.executable, "-m", "adapterhub.cli", "--registry", "registry", "demo", "--workdir", "work"],
+                          cwd=tmp_path, capture_output=True, text=True, env=subprocess_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "error: invalid name 'Tiny Stories!'" in done.stdout  # the naming step shows a refusal
     reg = Registry(registry)

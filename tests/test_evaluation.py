@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,6 +99,15 @@ def test_a_recorded_eval_is_reused_until_forced_and_kept_append_only(cli, popula
     code, out, _ = cli("show", "existing")
     assert out.count("  eval       test loss") == 2  # the newest of each measurement
     assert populated.verify().ok
+
+
+def test_eval_runs_with_a_registry_named_relative_to_the_working_folder(cli, populated, tiny_data, monkeypatch):
+    """`make demo` names its registry `registry`: the adapter folder eval hands mlx-lm links to the blobs, and a
+    relative link would point inside that temporary folder."""
+    monkeypatch.chdir(populated.root.parent)
+    code, out, err = cli("--json", "eval", "existing", "--data", tiny_data, registry=Path(populated.root.name))
+    assert code == 0, err
+    assert json.loads(out)["value"] > 0
 
 
 def test_exact_match_scores_completions_and_refuses_text(cli, populated, tiny_model, colours, tiny_data):
