@@ -66,8 +66,13 @@ class BaseModels:
         with self._progress(f"fingerprinting {Path(path).name}", total) as advance:
             return fingerprint_model(path, self._hash_cache, reread, advance)
 
-    def resolve_base(self, path_or_name: str | Path, reread: bool = False) -> ResolvedBase:
-        """A base given as a folder path, a Hub repo id in the local cache, or a registered name or sha256 prefix."""
+    def resolve_base(self, path_or_name: str | Path, reread: bool = False, need_files: bool = False) -> ResolvedBase:
+        """A base given as a folder path, a Hub repo id in the local cache, or a registered name or sha256 prefix.
+
+        need_files: the caller reads the weights, so a registered base must have its folder on this machine
+            (one registered from a fingerprint alone has none; a folder may have moved). Checking
+            compatibility needs only the fingerprint.
+        """
         from . import hf
 
         path = Path(path_or_name).expanduser()
@@ -82,6 +87,11 @@ class BaseModels:
         if os.sep in str(path_or_name) or str(path_or_name).startswith("."):
             raise NotFoundError(f"model folder {path} does not exist", hint="give a local model folder or a registered base name")
         record = BaseModel(self.base(str(path_or_name)))
+        if need_files and not (record.path and record.path.is_dir()):
+            where = f"its folder {record.path} is gone" if record.path else "only its fingerprint was registered"
+            raise NotFoundError(f"base {record.name} is registered, but its files are not on this machine ({where})",
+                                hint=f"add the model with 'adapterhub base add PATH --name {record.name}', or pass --base PATH",
+                                kind="base", key=record.sha256)
         return ResolvedBase(record.record, record, record.path)
 
     def add_base(self, path: Path | str, name: str | None = None, reread: bool = False) -> tuple[dict, bool]:

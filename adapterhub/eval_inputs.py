@@ -42,7 +42,7 @@ class Target:
 
 
 def base_target(registry, base: str | Path) -> Target:
-    resolved = registry.resolve_base(base)
+    resolved = registry.resolve_base(base, need_files=True)
     name = resolved.name or naming.suggest_name(resolved.path.resolve().name)
     return Target("base", name, resolved.sha256, {"name": name, "sha256": resolved.sha256}, resolved.path)
 
@@ -57,7 +57,7 @@ def adapter_target(registry, ref: str, base: str | Path | None, allow_different_
         if not known:
             raise NotFoundError(f"{version.ref}'s base {recorded['name']} ({recorded['sha256'][:12]}) is not registered here",
                                 hint="pass --base PATH|NAME", kind="base", key=recorded["sha256"])
-        base = known["path"]
+        base = known["name"]
     report = registry.check(version.ref, base, allow_different_weights)
     if not report.compatible:
         raise IncompatibleError(f"{version.ref} is not compatible with {base}: {report.problems[0]}",
@@ -103,7 +103,7 @@ def _fused_target(registry, folder: Path) -> Target:
             break
     return Target("fused", str(Path(folder).expanduser().resolve()), record["sha256"],
                   {"name": record["base"]["name"], "sha256": record["base"]["sha256"]},
-                  Path(base["path"]) if base else Path(folder), folder=Path(folder).expanduser().resolve(),
+                  Path(base["path"]) if base and base.get("path") else Path(folder), folder=Path(folder).expanduser().resolve(),
                   dataset_sha256=dataset)
 
 

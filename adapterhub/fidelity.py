@@ -68,7 +68,7 @@ def _fidelity_base(registry, folder: Path, version: AdapterVersion, base: str | 
     """The base to apply `version` to: `base`, else the base the folder says it was fused into (when
     registered here), else the version's own."""
     if base is not None:
-        return registry.resolve_base(base).path
+        return registry.resolve_base(base, need_files=True).path
     claimed = read_json(folder / RECORD_FILE)
     claimed_base = (claimed.get("base") or {}).get("sha256") if isinstance(claimed, dict) else None
     known = registry.bases_by_sha().get(claimed_base) if isinstance(claimed_base, str) else None

@@ -47,12 +47,13 @@ def generate(registry, ref: str, base: str | None, prompt: str, max_tokens: int 
         recorded = version.record.get("base")
         if not recorded:
             raise AdapterHubError(f"{version.ref} records no base model", hint="pass --base PATH|NAME")
-        base = registry.base(recorded["sha256"])["path"]
+        base = registry.base(recorded["sha256"])["name"]
     report = registry.check(version.ref, base, allow_different_weights)
     if not report.compatible:
         raise IncompatibleError(f"{version.ref} is not compatible with {base}: {report.problems[0]}",
                                 hint=f"run 'adapterhub check {version.ref} --base {base}'")
-    base_path = Path(base).expanduser() if Path(base).expanduser().is_dir() else Path(registry.base(base)["path"])
+    # A folder is loaded as it is: resolving it would fingerprint (hash) the whole model first.
+    base_path = Path(base).expanduser() if Path(base).expanduser().is_dir() else registry.resolve_base(base, need_files=True).path
     from mlx_lm import generate as mlx_generate, load
 
     from .export import copy_stored_files

@@ -215,3 +215,28 @@ def test_a_blank_registry_variable_is_refused(cli, populated, monkeypatch, tmp_p
 def test_reading_a_missing_registry_is_an_error_and_creates_nothing(cli, tmp_path, command):
     code, _, err = cli(*command, registry=tmp_path / "typo")
     assert code == 1 and err.startswith("error: no registry at") and not (tmp_path / "typo").exists()
+
+
+def test_a_registered_base_whose_folder_moved_is_named_and_can_be_added_again(cli, registry, lora_adapter, tiny_model,
+                                                                             tiny_data, tmp_path):
+    """Commands that read a base's weights say its folder is gone (not a Hub lookup or a TypeError); `check` needs
+    only the fingerprint and still runs; `base add` at the new place is the way back, as the message says."""
+    import shutil
+
+    model = shutil.copytree(tiny_model, tmp_path / "tiny")
+    assert cli("import", lora_adapter, "--name", "stories", "--base", model)[0] == 0
+    moved = model.rename(tmp_path / "moved")
+    base = registry.resolve("stories").record["base"]["name"]
+    before = snapshot(registry.root)
+    gone = f"base {base} is registered, but its files are not on this machine (its folder {model} is gone)"
+    for command in (("generate", "stories", "--prompt", "hi", "--max-tokens", "2"),
+                    ("eval", "stories", "--data", tiny_data),
+                    ("eval", "--base", base, "--data", tiny_data),
+                    ("fuse", "stories", "--base", base, "--out", tmp_path / "fused"),
+                    ("train", "--name", "again", "--base", base, "--data", tiny_data, "--iters", "1")):
+        assert_refused(cli(*command), gone, before, registry)
+    code, out, _ = cli("check", "stories", "--base", base)
+    assert code == 0 and "compatible" in out
+    assert cli("base", "add", moved, "--name", base)[0] == 0
+    code, out, err = cli("generate", "stories", "--prompt", "hi", "--max-tokens", "2")
+    assert code == 0, err

@@ -125,7 +125,7 @@ def extract(registry, base: str, fused_dir: Path, rank: int, name: str, tags: di
     """Register the best rank-R LoRA that turns `base` into `fused_dir`; returns (version, report)."""
     ranges.require("--rank", rank, ranges.COUNT, hint="pass e.g. --rank 16")
     fused_dir = Path(fused_dir)
-    resolved = registry.resolve_base(base)
+    resolved = registry.resolve_base(base, need_files=True)
     base_fp, base_path = resolved.fingerprint, resolved.path
     # The name is checked as the import at the end will check it, before minutes of SVDs rather than after.
     naming.check_tags(dict(tags or {}))

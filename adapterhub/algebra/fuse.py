@@ -124,7 +124,7 @@ def plan_fuse(registry, refs: list[str], base: str, out: Path, dequantize: bool 
     versions = [registry.resolve(r) for r in refs]
     refuse_related(registry, versions, "fusing them")
     # Planning writes nothing: an unregistered base is only fingerprinted here, and registered by execute_fuse.
-    resolved = registry.resolve_base(base)
+    resolved = registry.resolve_base(base, need_files=True)
     fingerprint, base_path = resolved.fingerprint, resolved.path
     registered = resolved.record.record if resolved.record else None
     out = Path(out)

@@ -57,7 +57,7 @@ def check(registry, config, processes: int = 1) -> Checked:
     from .. import naming
 
     naming.check_name(config.name, registry.policy, config.tags)
-    base = registry.resolve_base(config.base)
+    base = registry.resolve_base(config.base, need_files=True)
     base_fp = base.fingerprint
     model_layers = (base_fp.get("config") or {}).get("num_hidden_layers")
     if isinstance(model_layers, int):  # the model checks its own layers again once loaded
