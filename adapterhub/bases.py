@@ -87,7 +87,7 @@ class BaseModels:
         if os.sep in str(path_or_name) or str(path_or_name).startswith("."):
             raise NotFoundError(f"model folder {path} does not exist", hint="give a local model folder or a registered base name")
         record = BaseModel(self.base(str(path_or_name)))
-        if need_files and not (record.path and record.path.is_dir()):
+        if need_files and not local_folder(record.record):
             where = f"its folder {record.path} is gone" if record.path else "only its fingerprint was registered"
             raise NotFoundError(f"base {record.name} is registered, but its files are not on this machine ({where})",
                                 hint=f"add the model with 'adapterhub base add PATH --name {record.name}', or pass --base PATH",
@@ -146,6 +146,13 @@ class BaseModels:
         """The registered name of a dataset, or the one it would get."""
         known = next((d for d in self.datasets() if d["sha256"] == fingerprint["sha256"]), None)
         return known["name"] if known else naming.suggest_name(Path(path).resolve().name)
+
+
+def local_folder(row: dict | None) -> Path | None:
+    """A registered base's or dataset's folder when it is on this machine: a row keeps the path it was
+    registered from, which may be another machine's (a pull) or a folder since moved."""
+    path = row.get("path") if row else None
+    return Path(path) if path and Path(path).is_dir() else None
 
 
 def unique_name(name: str, taken: set[str]) -> str:

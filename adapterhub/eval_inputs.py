@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import naming
+from .bases import local_folder
 from .errors import AdapterHubError, IncompatibleError, NotFoundError
 from .eval_settings import METRICS, SPLITS
 from .fingerprint import fingerprint_dataset
@@ -103,7 +104,7 @@ def _fused_target(registry, folder: Path) -> Target:
             break
     return Target("fused", str(Path(folder).expanduser().resolve()), record["sha256"],
                   {"name": record["base"]["name"], "sha256": record["base"]["sha256"]},
-                  Path(base["path"]) if base and base.get("path") else Path(folder), folder=Path(folder).expanduser().resolve(),
+                  local_folder(base) or Path(folder), folder=Path(folder).expanduser().resolve(),
                   dataset_sha256=dataset)
 
 
@@ -151,10 +152,11 @@ def data_folder(registry, target: Target, data: str | Path | None) -> Path:
     if not target.dataset_sha256:
         raise AdapterHubError(f"{target.label} records no dataset to evaluate on", hint="pass --data DIR")
     recorded = next((d for d in registry.datasets() if d["sha256"] == target.dataset_sha256), None)
-    if not recorded or not Path(recorded["path"]).is_dir():
+    folder = local_folder(recorded)
+    if not folder:
         raise NotFoundError(f"the dataset {target.label} was trained on ({target.dataset_sha256[:12]}) is not on this machine",
                             hint="pass --data DIR", kind="dataset", key=target.dataset_sha256)
-    return Path(recorded["path"])
+    return folder
 
 
 def check_data(registry, folder: Path, split: str, metrics: list[str], batch_size: int) -> EvalData:

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from . import ranges
+from .bases import local_folder
 from .errors import AdapterHubError, IncompatibleError, NotFoundError
 from .eval_inputs import adapter_target
 from .eval_scoring import load_target
@@ -56,9 +57,10 @@ def default_prompts(registry, version: AdapterVersion, count: int = FUSE_PROMPTS
     machine, else built-in text."""
     recorded = (version.record.get("dataset") or {}).get("sha256")
     known = next((d for d in registry.datasets() if d["sha256"] == recorded), None) if recorded else None
-    if known and Path(known["path"]).is_dir():
+    folder = local_folder(known)
+    if folder:
         try:
-            return prompts_from(Path(known["path"]), None, count)
+            return prompts_from(folder, None, count)
         except AdapterHubError:
             pass  # a dataset changed since training still leaves the built-in text
     return list(BUILTIN_PROMPTS[:count])

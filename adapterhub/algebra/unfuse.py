@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bases import local_folder
 from ..errors import InvalidAdapterError, NotFoundError
 from ..files import read_json, require_new_folder
 from ..fingerprint import config_essentials, model_sha256, weight_files
@@ -293,8 +294,9 @@ class _Comparison:
             except NotFoundError:
                 self.base_record = None
         self.base_headers = {}
-        if self.base_record and Path(self.base_record["path"]).is_dir():
-            for p in weight_files(Path(self.base_record["path"])):
+        base_folder = local_folder(self.base_record)
+        if base_folder:
+            for p in weight_files(base_folder):
                 self.base_headers.update({n: read_header(p) for n in read_header(p).tensors})
         self.inexact = self.total = 0
         self.max_error = 0.0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..bases import local_folder
 from ..errors import AdapterHubError
 from ..records import AdapterVersion, EvalResult, unapplied
 from ..registry import Registry
@@ -282,7 +283,7 @@ def _base_needed(registry: Registry, version: AdapterVersion) -> dict | None:
     if not base:
         return None
     row = registry.bases_by_sha().get(base["sha256"])
-    if row is not None and Path(row["path"]).is_dir():
+    if local_folder(row):
         return None
     return {"name": base["name"], "sha256": base["sha256"], "hf_repo": (row or {}).get("hf_repo")}
 

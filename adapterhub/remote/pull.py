@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import naming
-from ..bases import unique_name
+from ..bases import local_folder, unique_name
 from ..errors import CorruptRegistryError, IncompatibleError
 from ..files import read_json
 from ..formats import mlx as mlx_format
@@ -84,7 +84,7 @@ def pull(registry, remote: RemoteRegistry, ref: str, name: str | None = None, ba
     return {"ref": target.remote_ref, "local_ref": final["local_ref"], "sha256": target.entry["sha256"],
             "created": final["created"], "versions": steps,
             "base": None if base_row is None else {**base_ref(base_row), "hf_repo": base_row.get("hf_repo"),
-                                                   "local": Path(base_row["path"]).is_dir()},
+                                                   "local": local_folder(base_row) is not None},
             "downloaded": {"bytes": remote.bucket.stats.bytes_down}}
 
 
